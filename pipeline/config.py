@@ -1,0 +1,208 @@
+"""The run configuration: one pydantic model, camelCase on disk (it becomes the SelfLengthenRun spec).
+
+Every bad value is refused with the dotted camelCase path of the field and what is wanted
+(see ConfigError). Unknown fields are refused too, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+# Run names become S3 prefixes and Kubernetes names: a DNS-1123 label cannot escape its prefix.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Sampling(Model):
+    """Sampling parameters sent with every generation request (reference defaults)."""
+
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.8, gt=0, le=1)
+    top_k: int = Field(20, ge=-1, description="-1 disables top-k")
+    repetition_penalty: float = Field(1.1, gt=0, le=2)
+    max_tokens: int = Field(16384, ge=1, le=1_000_000)
+    # The reference stops on "---" and triple newlines, which cut markdown short: no stops by default.
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
+
+
+class Models(Model):
+    """Which model plays which role, and where it is served."""
+
+    base: str = Field(
+        "tiny://qwen2",
+        min_length=1,
+        description="Base model: a local path, a Hugging Face name for real clusters, or tiny://qwen2 "
+        "for the locally built tiny model.",
+    )
+    generator: str = Field("generator", min_length=1, description="Served model name of the Generator")
+    extender: str = Field("extender", min_length=1, description="Served model name of the Extender")
+    endpoint: str | None = Field(
+        None,
+        description="Base URL of an OpenAI-compatible server (e.g. http://vllm:8000/v1). "
+        "Empty: the local runner starts a vLLM server itself.",
+    )
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name of the environment variable with the API key"
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+
+class SelfInstruct(Model):
+    instructions_per_iteration: int = Field(5000, ge=1, le=10_000_000)
+    few_shot: int = Field(2, ge=1, le=8, description="Examples from the pool shown per completion")
+    max_tries: int = Field(10, ge=1, le=100, description="Tries per instruction slot")
+    min_words: int = Field(3, ge=0, description="An instruction needs more words than this")
+    max_words: int = Field(500, ge=1, description="An instruction needs fewer words than this")
+    judge: bool = Field(True, description="Ask the model whether the instruction suits a long answer")
+    seed_file: str | None = Field(None, description="JSONL of seed instructions ({'prompt': ...}); default: packaged")
+    max_tokens: int | None = Field(None, ge=1, description="Overrides sampling.maxTokens for instruction completions")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SelfInstruct:
+        if self.min_words >= self.max_words - 1:
+            raise ValueError("minWords must be at least 2 below maxWords (both bounds are exclusive)")
+        return self
+
+
+class Respond(Model):
+    samples_per_instruction: int = Field(2, ge=1, le=64)
+    max_retries: int = Field(20, ge=1, le=100, description="Tries per sample until check_response passes")
+    max_tokens: int | None = Field(None, ge=1, description="Overrides sampling.maxTokens for initial responses")
+
+
+class Extend(Model):
+    attempts: int = Field(2, ge=1, le=16, description="Extended versions made per initial response")
+    passes: int = Field(3, ge=1, le=16, description="Micro-iterations per attempt")
+    min_growth: float = Field(1.2, gt=1, le=100, description="Keep an attempt only above this length ratio")
+    max_retries: int = Field(20, ge=1, le=100, description="Tries per attempt until it grows enough")
+    keep_fraction: float = Field(2 / 3, gt=0, le=1, description="Share of the former part's paragraphs kept")
+    max_tokens: int | None = Field(None, ge=1, description="Overrides sampling.maxTokens for extension requests")
+
+
+class Filters(Model):
+    check_ending: bool = Field(True, description="A response must end with a closing mark")
+    check_meta: bool = Field(True, description="Reject English responses that talk about revisions")
+    en_ngram: int = Field(10, ge=0, description="Reject English text repeating a word n-gram (0: off)")
+    zh_ngram: int = Field(13, ge=0, description="Reject Chinese text repeating a token n-gram (0: off)")
+    drop_short: bool = Field(True, description="Randomly drop short responses, keeping long ones more often")
+    min_words: int = Field(0, ge=0, description="Reject responses with fewer words than this")
+
+
+class Client(Model):
+    """How the pipeline talks to the inference server."""
+
+    concurrency: int = Field(32, ge=1, le=4096, description="Requests in flight at most")
+    request_timeout_seconds: float = Field(900, gt=0, description="Per-request timeout")
+    max_attempts: int = Field(8, ge=1, le=100, description="Attempts per request on 429/5xx/connection errors")
+    backoff_seconds: float = Field(0.5, gt=0, description="First retry delay; doubles each attempt, with jitter")
+    max_backoff_seconds: float = Field(30, gt=0)
+    deadline_seconds: float = Field(300, gt=0, description="Fail when the server stays unreachable this long")
+
+
+class Storage(Model):
+    uri: str = Field(
+        "file://./runs", description="file://DIR or s3://BUCKET/PREFIX; artifacts go under <uri>/<run name>/"
+    )
+    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto, ...); credentials from environment")
+    shard_size: int = Field(64, ge=1, le=100_000, description="Items per shard: the unit of resume")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_scheme(cls, value: str) -> str:
+        if value.startswith("s3://"):
+            if not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", value):
+                raise ValueError("must be s3://BUCKET[/PREFIX] with a valid bucket name")
+            if ".." in value.split("/"):
+                raise ValueError("must not contain '..' segments")
+            return value.rstrip("/")
+        if value.startswith("file://") and len(value) > len("file://"):
+            return value.rstrip("/") if value != "file:///" else value
+        raise ValueError("must start with file:// or s3://")
+
+
+class Local(Model):
+    """The vLLM server the local runner starts when models.endpoint is empty."""
+
+    port: int = Field(0, ge=0, le=65535, description="0: pick a free port")
+    max_model_len: int = Field(2048, ge=64)
+    kv_cache_gib: int = Field(1, ge=1, le=512)
+    startup_timeout_seconds: float = Field(300, gt=0)
+    extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments, one per item")
+
+
+class RunConfig(Model):
+    """A whole Self-Lengthen run."""
+
+    name: str = Field("local-tiny", pattern=NAME_PATTERN, max_length=63)
+    iterations: int = Field(3, ge=1, le=100, description="Macro-iterations")
+    languages: list[Literal["en", "zh"]] = Field(default_factory=lambda: ["en"], min_length=1, max_length=2)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    models: Models = Field(default_factory=Models)
+    sampling: Sampling = Field(default_factory=Sampling)
+    self_instruct: SelfInstruct = Field(default_factory=SelfInstruct)
+    respond: Respond = Field(default_factory=Respond)
+    extend: Extend = Field(default_factory=Extend)
+    filters: Filters = Field(default_factory=Filters)
+    client: Client = Field(default_factory=Client)
+    storage: Storage = Field(default_factory=Storage)
+    local: Local = Field(default_factory=Local)
+
+    @field_validator("languages")
+    @classmethod
+    def _unique_languages(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat a language")
+        return value
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names each bad field by its YAML path."""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{path}: {msg}")
+    return "invalid run configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: object) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("invalid run configuration: expected a mapping at the top level")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read run configuration {path}: {err.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"run configuration {path} is not valid YAML: {err}") from None
+    return parse_config(data if data is not None else {})
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)

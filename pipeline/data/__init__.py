@@ -1,0 +1,40 @@
+"""Packaged data: seed instructions and the LonGen benchmark (see README.md here for source and license)."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+
+def _read_jsonl(text: str, source: str, field: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(field), str) or not row[field].strip():
+            raise ValueError(f"{source} line {number}: an object with a non-empty string {field!r} wanted")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    return rows
+
+
+def load_seed_instructions(lang: str, path: str | None = None) -> list[dict]:
+    """Seed instructions ({"prompt": ...}) from a user file or the packaged ones for the language."""
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"seed file {path}: not UTF-8 text") from None
+        return _read_jsonl(text, f"seed file {path}", "prompt")
+    name = f"seed_instructions_{lang}.jsonl"
+    return _read_jsonl(files(__package__).joinpath(name).read_text(encoding="utf-8"), name, "prompt")
+
+
+def load_longen() -> list[dict]:
+    return _read_jsonl(files(__package__).joinpath("LonGen.jsonl").read_text(encoding="utf-8"), "LonGen.jsonl", "query")

@@ -1,0 +1,44 @@
+"""Our prompt templates, one file per prompt and language ($placeholders, string.Template)."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib.resources import files
+from string import Template
+
+LANGUAGES = ("en", "zh")
+
+
+@cache
+def template(lang: str, name: str) -> Template:
+    if lang not in LANGUAGES:
+        raise ValueError(f"language {lang!r}: one of {', '.join(LANGUAGES)} wanted")
+    return Template(files(__package__).joinpath(lang, f"{name}.txt").read_text(encoding="utf-8").strip())
+
+
+def render(lang: str, name: str, **values: object) -> str:
+    return template(lang, name).substitute(**values)
+
+
+def self_instruct_messages(lang: str, examples: list[str]) -> list[dict]:
+    """A chat whose assistant turn lists the examples and opens the next item: the model completes it."""
+    items = [render(lang, "instruction_item", number=i + 1, instruction=ex.strip()) for i, ex in enumerate(examples)]
+    opening = render(lang, "instruction_item", number=len(examples) + 1, instruction="").rstrip()
+    return [
+        {"role": "user", "content": render(lang, "self_instruct")},
+        {"role": "assistant", "content": "\n".join(items + [opening])},
+    ]
+
+
+def parse_instruction(completion: str) -> str:
+    """The completed item: its first line, without a following numbered item."""
+    text = completion.strip()
+    text = re.split(r"\n|(?:Request|请求)\s*\d+\s*[:：]", text, maxsplit=1)[0]
+    return text.strip()
+
+
+def parse_judgement(answer: str) -> bool:
+    """True for a yes (English or Chinese) at the start of the answer."""
+    head = answer.strip().lower().lstrip("*\"'「“ ")
+    return head.startswith(("yes", "是", "会", "对"))

@@ -1,0 +1,166 @@
+"""A vLLM OpenAI-compatible server run as a managed subprocess (the local orchestrator's inference pod).
+
+Started by argument list (never a shell), in its own process group so that it and its engine processes are
+stopped together through its own PID; health is polled with a deadline, and a server that exits or never
+becomes healthy raises with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import httpx
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_command(
+    model: str,
+    *,
+    port: int,
+    served_names: Sequence[str],
+    lora_modules: Mapping[str, str] | None = None,
+    max_model_len: int = 2048,
+    max_lora_rank: int = 16,
+    dtype: str = "float32",
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The argument list of a vLLM server: base model under served_names, LoRA adapters by name."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--served-model-name", *served_names,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--dtype", dtype,
+        "--max-model-len", str(max_model_len),
+        "--disable-uvicorn-access-log",
+    ]
+    if lora_modules:
+        cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--lora-modules"]
+        cmd += [f"{name}={path}" for name, path in lora_modules.items()]
+    return cmd + list(extra_args)
+
+
+class VLLMServer:
+    """Context manager: `with VLLMServer(cmd_args...) as server: server.endpoint`."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        served_names: Sequence[str],
+        lora_modules: Mapping[str, str] | None = None,
+        port: int = 0,
+        max_model_len: int = 2048,
+        kv_cache_gib: int = 1,
+        startup_timeout: float = 300,
+        extra_args: Sequence[str] = (),
+        workdir: Path | None = None,
+    ):
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}/v1"
+        self.startup_timeout = startup_timeout
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="selflengthen-vllm-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"vllm-{self.port}.log"
+        self.command = vllm_command(
+            model, port=self.port, served_names=served_names, lora_modules=lora_modules,
+            max_model_len=max_model_len, extra_args=extra_args,
+        )
+        cache = self.workdir / "cache"
+        self.env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CACHE_ROOT": str(cache / "vllm"),
+            "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+            "TIKTOKEN_CACHE_DIR": str(cache / "tiktoken"),
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> VLLMServer:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            cwd=self.workdir, start_new_session=True,
+        )
+        log.close()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        health = self.endpoint.removesuffix("/v1") + "/health"
+        with httpx.Client(timeout=5) as http:
+            while True:
+                code = self.process.poll()
+                if code is not None:
+                    raise ServerError(f"vLLM server exited with code {code} before it was healthy:\n{self.log_tail()}")
+                try:
+                    if http.get(health).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ServerError(
+                        f"vLLM server on port {self.port} not healthy after {self.startup_timeout:.0f}s:\n"
+                        f"{self.log_tail()}"
+                    )
+                time.sleep(0.5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM to the server's own process group, SIGKILL after the timeout."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Engine processes share the group: make sure none outlives the server.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

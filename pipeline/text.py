@@ -1,0 +1,125 @@
+"""Pure text helpers of the method: word counts, response checks, language detection, drop_short.
+
+Behaviour follows docs/algorithm.md (the reference implementation's facts), with its bugs fixed:
+the check flavour is chosen by the language of the text, and drop_short is seeded and O(n log n).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import re
+from collections.abc import Sequence
+
+# CJK ideographs, CJK symbols/punctuation, full-width forms: each counts as one word.
+_CJK = "\u4e00-\u9fff\u3000-\u303f\uff00-\uffef"
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_IDEOGRAPH = re.compile("[\u4e00-\u9fff]")
+_ASCII_RUN = re.compile(r"[\x00-\x7f]+")
+
+EN_ENDINGS = tuple(".!?,;:-\"')]}>`")
+ZH_ENDINGS = tuple("。！？…”’)]}>`）】》」』〕〉")
+META_WORDS = ("revised", "revision", "response", "version", "paragraph")
+EN_NGRAM = 10
+ZH_NGRAM = 13
+
+
+def count_words(text: str) -> int:
+    """CJK characters count one each; the rest counts whitespace-separated tokens."""
+    cjk = len(_CJK_CHAR.findall(text))
+    return cjk + len(_CJK_CHAR.sub(" ", text).split())
+
+
+def detect_language(text: str) -> str:
+    """'zh' when at least a fifth of the non-space characters are CJK ideographs, else 'en'."""
+    chars = [c for c in text if not c.isspace()]
+    if not chars:
+        return "en"
+    return "zh" if len(_IDEOGRAPH.findall(text)) * 5 >= len(chars) else "en"
+
+
+def _has_repeated_ngram(tokens: Sequence[str], n: int) -> bool:
+    seen: set[tuple[str, ...]] = set()
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i : i + n])
+        if gram in seen:
+            return True
+        seen.add(gram)
+    return False
+
+
+def zh_tokens(text: str) -> list[str]:
+    """Chinese-flavour tokens: each non-ASCII character, with every run of ASCII characters merged into one."""
+    tokens: list[str] = []
+    pos = 0
+    for m in _ASCII_RUN.finditer(text):
+        tokens.extend(c for c in text[pos : m.start()] if not c.isspace())
+        if m.group().strip():
+            tokens.append(m.group())
+        pos = m.end()
+    tokens.extend(c for c in text[pos:] if not c.isspace())
+    return tokens
+
+
+def check_response(
+    text: str,
+    *,
+    check_ending: bool = True,
+    check_meta: bool = True,
+    en_ngram: int = EN_NGRAM,
+    zh_ngram: int = ZH_NGRAM,
+) -> str | None:
+    """Return None when the response passes, else the rejection reason.
+
+    Reasons: "empty", "ending", "meta-talk", "repetition". The flavour (English or Chinese) is picked by the
+    language of the text itself, so an English answer is never judged by the Chinese rules.
+    """
+    stripped = text.strip()
+    if not stripped:
+        return "empty"
+    if detect_language(stripped) == "zh":
+        if check_ending and not stripped.endswith(ZH_ENDINGS + EN_ENDINGS):
+            return "ending"
+        if zh_ngram > 0 and _has_repeated_ngram(zh_tokens(stripped), zh_ngram):
+            return "repetition"
+        return None
+    if check_ending and not stripped.endswith(EN_ENDINGS):
+        return "ending"
+    if check_meta:
+        lines = [line for line in stripped.splitlines() if line.strip()]
+        edge = " ".join(lines[:2] + lines[-3:]).lower()
+        if any(word in edge for word in META_WORDS):
+            return "meta-talk"
+    if en_ngram > 0 and _has_repeated_ngram(stripped.split(), en_ngram):
+        return "repetition"
+    return None
+
+
+def drop_short_mask(lengths: Sequence[int], seed: int) -> list[bool]:
+    """Which items drop_short keeps: rank r = 1 - pos/n, pos the first index of the item's length in the
+    ascending sorted lengths; keep when uniform(0, 1) > 2 r^3. One uniform draw per item, in item order."""
+    n = len(lengths)
+    ordered = sorted(lengths)
+    rng = random.Random(seed)
+    keep = []
+    for length in lengths:
+        rank = 1.0 - bisect.bisect_left(ordered, length) / n
+        keep.append(rng.random() > 2 * rank**3)
+    return keep
+
+
+def drop_short(items: Sequence[dict], key: str, seed: int) -> list[dict]:
+    """Randomly drop short items, keeping longer ones more often (seeded, O(n log n))."""
+    mask = drop_short_mask([count_words(item[key]) for item in items], seed)
+    return [item for item, kept in zip(items, mask) if kept]
+
+
+def split_paragraphs(text: str) -> tuple[list[str], str]:
+    """Paragraphs by blank lines, or by single lines when that gives two or fewer; returns them with the
+    separator that joins them back."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    if len(paragraphs) <= 2:
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        if len(lines) > len(paragraphs):
+            return lines, "\n"
+    return paragraphs, "\n\n"
