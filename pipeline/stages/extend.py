@@ -1,0 +1,125 @@
+"""Extension by micro-iterations: the Extender lengthens each initial response.
+
+One pass over the current text (docs/algorithm.md):
+  1. split it into paragraphs; the Extender enriches the first half (a chat request: extend prompt);
+  2. keep the first extend.keepFraction of the enriched part's paragraphs;
+  3. ask the Extender to extend the whole text, with the kept part forced as the start of its answer
+     (vLLM's continue_final_message), so it continues from there;
+  4. the candidate (kept part + continuation) replaces the current text if it passes the checks and is longer.
+After extend.passes passes an attempt counts only if the text grew more than extend.minGrowth times; otherwise
+the attempt is retried (extend.maxRetries). extend.attempts extended versions are made per response; then
+drop_short over the whole extended set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from .. import prompts
+from ..text import count_words, split_paragraphs
+from . import StageContext
+from .common import average, chunks, finalize_with_drop_short, make_client, process_shards, reject_reason, tally
+
+NAME = "extend"
+REQUIRES = ("respond",)
+
+
+def first_half(text: str) -> str:
+    paragraphs, sep = split_paragraphs(text)
+    return sep.join(paragraphs[: max(1, math.ceil(len(paragraphs) / 2))])
+
+
+def kept_part(text: str, fraction: float) -> str:
+    paragraphs, sep = split_paragraphs(text)
+    return sep.join(paragraphs[: max(1, math.floor(len(paragraphs) * fraction))]) if paragraphs else ""
+
+
+def run(ctx: StageContext) -> dict:
+    return asyncio.run(_run(ctx))
+
+
+async def _run(ctx: StageContext) -> dict:
+    cfg = ctx.config
+    ext = cfg.extend
+    artifacts = ctx.artifacts(NAME)
+    upstream = ctx.artifacts("respond")
+    total = upstream.manifest()["counts"]["accepted"]
+    model = cfg.models.extender
+
+    async with make_client(ctx, NAME) as client:
+
+        async def one_pass(item: dict, current: str, seed: int, reject) -> str:
+            lang, instruction = item["language"], item["instruction"]
+            former = await client.chat(
+                model, [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction,
+                                                                   response=first_half(current))}],
+                cfg.sampling, max_tokens=ext.max_tokens, seed=seed,
+            )
+            prefix = kept_part(former.text, ext.keep_fraction)
+            if not prefix:
+                reject("empty")
+                return current
+            latter = await client.chat(
+                model,
+                [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction, response=current)},
+                 {"role": "assistant", "content": prefix}],
+                cfg.sampling, max_tokens=ext.max_tokens, continue_final=True, seed=seed + 1,
+            )
+            candidate = (prefix + latter.text).strip()
+            reason = reject_reason(ctx, candidate)
+            if reason is None and count_words(candidate) <= count_words(current):
+                reason = "no-growth"
+            if reason:
+                reject(reason)
+                return current
+            return candidate
+
+        async def attempt(item: dict, a: int) -> dict:
+            rejections: dict[str, int] = {}
+            requests = 0
+
+            def reject(reason: str) -> None:
+                rejections[reason] = rejections.get(reason, 0) + 1
+
+            initial = item["response"]
+            initial_words = count_words(initial)
+            for retry in range(ext.max_retries):
+                current = initial
+                for p in range(ext.passes):
+                    current = await one_pass(item, current, ctx.seed(NAME, item["id"], a, retry, p), reject)
+                    requests += 2
+                words = count_words(current)
+                if words > ext.min_growth * initial_words:
+                    return {"id": f"{item['id']}-a{a}", "responseId": item["id"], "language": item["language"],
+                            "instruction": item["instruction"], "initial": initial, "extended": current,
+                            "initialWords": initial_words, "words": words, "rejections": rejections,
+                            "requests": requests}
+                reject("growth")
+            return {"id": None, "responseId": item["id"], "rejections": rejections, "requests": requests}
+
+        async def handle(item: dict) -> list[dict]:
+            return list(await asyncio.gather(*(attempt(item, a) for a in range(ext.attempts))))
+
+        await process_shards(ctx, artifacts, chunks(upstream.read_outputs(), cfg.storage.shard_size), handle,
+                             total=total)
+
+    passed, kept = finalize_with_drop_short(ctx, artifacts, lambda r: r["id"] is not None, "extended")
+    work = list(artifacts.iter_work())
+    out = [(r["initialWords"], r["words"]) for r in artifacts.read_outputs()]
+    return {
+        "counts": {
+            "responses": total,
+            "requested": total * ext.attempts,
+            "passed": passed,
+            "failed": total * ext.attempts - passed,
+            "droppedShort": passed - kept,
+            "accepted": kept,
+            "requests": sum(r["requests"] for r in work),
+            "rejected": dict(tally(work)),
+        },
+        "averageWordsInitial": average([i for i, _ in out]),
+        "averageWords": average([w for _, w in out]),
+        "maxWords": max((w for _, w in out), default=0),
+        "growth": round(sum(w for _, w in out) / max(1, sum(i for i, _ in out)), 3),
+    }

@@ -1,0 +1,129 @@
+"""The `selflengthen` command: run a whole run locally, run one stage (what cluster Jobs do), check a config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from .pipeline.config import ConfigError, load_config
+
+
+def _config(args: argparse.Namespace):
+    config = load_config(args.config)
+    updates = {}
+    if getattr(args, "endpoint", None):
+        updates["models"] = config.models.model_copy(update={"endpoint": args.endpoint.rstrip("/")})
+    if getattr(args, "storage", None):
+        updates["storage"] = config.storage.model_copy(update={"uri": args.storage})
+    return config.model_copy(update=updates) if updates else config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline.runner import run_local, summary
+    from .pipeline.store import open_store
+
+    config = _config(args)
+    results = run_local(config, progress=args.progress)
+    print(summary(config, results, open_store(config.storage.uri, config.storage.endpoint_url).uri))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    import json
+
+    from .pipeline.stages import StageContext, run_stage
+    from .pipeline.store import open_store
+
+    config = _config(args)
+    if not 1 <= args.iteration <= config.iterations:
+        raise ConfigError(f"--iteration {args.iteration}: between 1 and iterations ({config.iterations}) wanted")
+    store = open_store(config.storage.uri, config.storage.endpoint_url)
+    ctx = StageContext(config=config, iteration=args.iteration, store=store, endpoint=config.models.endpoint)
+    manifest = run_stage(args.name, ctx)
+    print(json.dumps(manifest, ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .pipeline.config import dump_config
+
+    config = _config(args)
+    print(dump_config(config) if args.show else f"{args.config}: valid run configuration '{config.name}'")
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from .pipeline.tinymodel import ensure_tiny_model
+
+    print(ensure_tiny_model())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline.stages import STAGES
+
+    parser = argparse.ArgumentParser(prog="selflengthen", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a whole Self-Lengthen run on this machine")
+    run.add_argument("config", help="run configuration (YAML)")
+    run.add_argument("--endpoint", help="use this OpenAI-compatible server instead of starting vLLM")
+    run.add_argument("--storage", help="override storage.uri")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    run.set_defaults(func=cmd_run)
+
+    stage = sub.add_parser("stage", help="run one stage of one iteration (what cluster Jobs run)")
+    stage.add_argument("name", choices=list(STAGES))
+    stage.add_argument("--config", required=True)
+    stage.add_argument("--iteration", type=int, required=True)
+    stage.add_argument("--endpoint", help="OpenAI-compatible server for generating stages")
+    stage.add_argument("--storage", help="override storage.uri")
+    stage.set_defaults(func=cmd_stage)
+
+    validate = sub.add_parser("validate", help="check a run configuration")
+    validate.add_argument("config")
+    validate.add_argument("--show", action="store_true", help="print it with every default filled in")
+    validate.set_defaults(func=cmd_validate)
+
+    tiny = sub.add_parser("tiny-model", help="build (once) the tiny local model and print its directory")
+    tiny.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # SIGTERM (a Job's pod stopping, a `kill`) unwinds like Ctrl-C, so servers we started are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # a clear one-line reason instead of a traceback, for expected failures
+        from .pipeline.serving import ServerError
+        from .pipeline.stages import StageError
+
+        if isinstance(err, (StageError, ServerError, ValueError)):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The data stages end to end on a real vLLM (CPU) server with the tiny model, into S3 on a moto server.
+
+One server for the whole module (it takes about a minute to start); every stage is run the way a cluster Job
+runs it (`selflengthen stage NAME --config FILE --iteration K --endpoint URL`), in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from selflengthen.pipeline.artifacts import StageArtifacts
+from selflengthen.pipeline.serving import VLLMServer
+from selflengthen.pipeline.stages import DATA_STAGES
+from selflengthen.pipeline.store import S3Store
+from selflengthen.pipeline.tinymodel import ensure_tiny_model
+
+pytestmark = pytest.mark.vllm
+
+BUCKET = "runs"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, **_boto_credentials()).create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+def _boto_credentials() -> dict:
+    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def vllm_endpoint(tmp_path_factory):
+    model = ensure_tiny_model()
+    with VLLMServer(str(model), served_names=["generator", "extender"], max_model_len=2048,
+                    workdir=tmp_path_factory.mktemp("vllm")) as server:
+        yield server.endpoint
+
+
+def write_config(path: Path, name: str, s3_endpoint: str, **overrides) -> Path:
+    config = {
+        "name": name,
+        "iterations": 1,
+        "seed": 7,
+        "sampling": {"maxTokens": 64},
+        "selfInstruct": {"instructionsPerIteration": 12, "maxTries": 3, "maxTokens": 40, "judge": False},
+        "respond": {"samplesPerInstruction": 2, "maxRetries": 2},
+        "extend": {"attempts": 1, "passes": 2, "maxRetries": 2, "maxTokens": 120},
+        "filters": {"checkEnding": False, "checkMeta": False, "dropShort": False},
+        "client": {"concurrency": 4, "deadlineSeconds": 60},
+        "storage": {"uri": f"s3://{BUCKET}/pipeline", "endpointUrl": s3_endpoint, "shardSize": 2},
+        **overrides,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def stage_command(name: str, config: Path, endpoint: str) -> list[str]:
+    return [sys.executable, "-m", "selflengthen", "stage", name, "--config", str(config), "--iteration", "1",
+            "--endpoint", endpoint]
+
+
+def stage_env() -> dict:
+    return {**os.environ, **CREDENTIALS, "PYTHONSAFEPATH": "1"}
+
+
+def run_stage_cli(name: str, config: Path, endpoint: str) -> dict:
+    proc = subprocess.run(stage_command(name, config, endpoint), capture_output=True, text=True, env=stage_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def store(s3_endpoint, monkeypatch):
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    return S3Store(BUCKET, "pipeline", endpoint_url=s3_endpoint)
+
+
+def rows(store, run: str, stage: str) -> list[dict]:
+    return list(StageArtifacts(store, run, 1, stage).read_outputs())
+
+
+def test_data_stages_on_real_vllm_into_s3(vllm_endpoint, s3_endpoint, store, tmp_path):
+    config = write_config(tmp_path / "run.yaml", "e2e", s3_endpoint)
+    manifests = {name: run_stage_cli(name, config, vllm_endpoint) for name in DATA_STAGES}
+
+    si = manifests["self-instruct"]["counts"]
+    instructions = rows(store, "e2e", "self-instruct")
+    assert si["requested"] == 12 and si["accepted"] == len(instructions) > 0
+    assert si["requests"] >= si["requested"]
+    texts = [r["instruction"].strip().lower() for r in instructions]
+    assert len(set(texts)) == len(texts), "self-instruct must deduplicate"
+    assert all(3 < r["words"] < 500 for r in instructions)
+
+    responses = rows(store, "e2e", "respond")
+    rc = manifests["respond"]["counts"]
+    assert rc["requested"] == 2 * len(instructions)
+    assert rc["accepted"] == len(responses) > 0
+    assert {r["instructionId"] for r in responses} <= {r["id"] for r in instructions}
+    assert len({r["id"] for r in responses}) == len(responses)
+
+    extended = rows(store, "e2e", "extend")
+    ec = manifests["extend"]["counts"]
+    assert ec["requested"] == len(responses) and ec["accepted"] == len(extended)
+    assert ec["requests"] > 0
+    for row in extended:  # every accepted extension really grew past the minimum
+        assert row["words"] > 1.2 * row["initialWords"]
+        assert row["responseId"] in {r["id"] for r in responses}
+    for name in DATA_STAGES:
+        assert StageArtifacts(store, "e2e", 1, name).done()
+
+    # A finished stage run again does nothing: same manifest, no new requests.
+    again = run_stage_cli("respond", config, vllm_endpoint)
+    assert again["finishedAt"] == manifests["respond"]["finishedAt"]
+
+
+def test_killed_stage_resumes_without_duplicates(vllm_endpoint, s3_endpoint, store, tmp_path):
+    config = write_config(tmp_path / "run.yaml", "resume", s3_endpoint,
+                          selfInstruct={"instructionsPerIteration": 24, "maxTries": 3, "maxTokens": 40,
+                                        "judge": False})
+    run_stage_cli("self-instruct", config, vllm_endpoint)
+    respond = StageArtifacts(store, "resume", 1, "respond")
+    instructions = rows(store, "resume", "self-instruct")
+    shards = -(-len(instructions) // 2)
+    assert shards >= 3, "the test needs several shards to stop the stage midway"
+
+    # Start the stage as a Job would, and kill it hard once some (but not all) shards are written.
+    proc = subprocess.Popen(stage_command("respond", config, vllm_endpoint), env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not respond.work_done() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    kept = {i: respond.read_work(i) for i in respond.work_done()}
+    assert kept, "no shard was finished before the kill"
+    assert len(kept) < shards, "the stage finished before it could be killed: use more items"
+    assert not respond.done()
+
+    manifest = run_stage_cli("respond", config, vllm_endpoint)
+    assert respond.done()
+    for index, shard in kept.items():  # finished shards were kept, not redone
+        assert respond.read_work(index) == shard
+    work = list(respond.iter_work())
+    per_instruction = Counter(r["instructionId"] for r in work)
+    assert set(per_instruction) == {r["id"] for r in instructions}
+    assert all(n == 2 for n in per_instruction.values()), "every instruction sampled exactly twice"
+    outputs = rows(store, "resume", "respond")
+    ids = [r["id"] for r in outputs]
+    assert len(ids) == len(set(ids)), "no duplicate items after resume"
+    assert manifest["counts"]["requested"] == 2 * len(instructions)
+    assert manifest["counts"]["accepted"] == len(outputs) == sum(1 for r in work if r["id"])
