@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -69,12 +70,16 @@ class InferenceClient:
         api_key: str | None = None,
         seed: int = 0,
         transport: httpx.AsyncBaseTransport | None = None,
+        observe: Callable[[str, float], None] | None = None,
     ):
         self.endpoint = endpoint.rstrip("/")
         self.config = config or ClientConfig()
         self.stats = ClientStats()
         self._semaphore = asyncio.Semaphore(self.config.concurrency)
         self._rng = random.Random(seed)
+        # Optional hook for metrics: observe(event, value) with events start, end, ok (latency seconds),
+        # retry, failed and tokens (count). Keeps this module free of any metrics library.
+        self._observe = observe or (lambda event, value: None)
         # Start of the current stretch in which no request has succeeded (None while the server answers).
         self._down_since: float | None = None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -144,6 +149,7 @@ class InferenceClient:
             raise InferenceError(f"inference server {self.endpoint} answered without choices: {str(data)[:300]}")
         tokens = (data.get("usage") or {}).get("completion_tokens") or 0
         self.stats.completion_tokens += int(tokens)
+        self._observe("tokens", int(tokens))
         return choices[0]
 
     async def models(self) -> list[str]:
@@ -163,9 +169,11 @@ class InferenceClient:
         last_error = ""
         async with self._semaphore:
             self.stats.in_flight += 1
+            self._observe("start", 1)
             try:
                 for attempt in range(1, cfg.max_attempts + 1):
                     self.stats.requests += 1
+                    sent = time.monotonic()
                     try:
                         response = await self._http.request(method, path, json=body)
                     except (httpx.TimeoutException, httpx.TransportError) as err:
@@ -173,6 +181,7 @@ class InferenceClient:
                     else:
                         if response.status_code < 400:
                             self._down_since = None
+                            self._observe("ok", time.monotonic() - sent)
                             try:
                                 return response.json()
                             except ValueError:
@@ -182,6 +191,7 @@ class InferenceClient:
                                 ) from None
                         if response.status_code not in RETRYABLE_STATUS:
                             self._down_since = None
+                            self._observe("failed", 1)
                             error = ModelNotFound if response.status_code == 404 else RequestRejected
                             raise error(self.endpoint, response.status_code, response.text)
                         last_error = f"HTTP {response.status_code}: {response.text[:200]}"
@@ -189,12 +199,15 @@ class InferenceClient:
                     now = time.monotonic()
                     if self._down_since is None:
                         self._down_since = now
+                    if now - self._down_since >= cfg.deadline_seconds or attempt == cfg.max_attempts:
+                        self._observe("failed", 1)
                     if now - self._down_since >= cfg.deadline_seconds:
                         raise ServerUnavailable(self.endpoint, now - self._down_since, last_error)
                     if attempt == cfg.max_attempts:
                         break
                     delay = self._backoff(attempt)
                     self.stats.retries += 1
+                    self._observe("retry", 1)
                     await asyncio.sleep(min(delay, max(0.0, self._down_since + cfg.deadline_seconds - now)))
                 raise InferenceError(
                     f"inference server {self.endpoint}: {method} {path} failed after {cfg.max_attempts} attempts; "
@@ -202,6 +215,7 @@ class InferenceClient:
                 )
             finally:
                 self.stats.in_flight -= 1
+                self._observe("end", 1)
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform(0, min(cap, base * 2^(attempt-1))), floored at half the window so it grows."""

@@ -17,6 +17,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .config import RunConfig, dump_config
+from .metrics import Metrics
+from .metrics import metrics as default_metrics
 from .serving import VLLMServer
 from .stages import DATA_STAGES, StageContext, run_stage
 from .store import Store, open_store
@@ -73,29 +75,60 @@ def save_config(store: Store, config: RunConfig) -> None:
     store.write(f"{config.name}/config.yaml", dump_config(config).encode())
 
 
-def run_local(config: RunConfig, *, progress: bool | None = None, workdir: Path | None = None) -> dict:
+def run_local(
+    config: RunConfig,
+    *,
+    progress: bool | None = None,
+    workdir: Path | None = None,
+    metrics: Metrics | None = None,
+) -> dict:
     """Run (or resume) the whole run; returns {iteration: {stage: manifest}}."""
     store = open_store(config.storage.uri, config.storage.endpoint_url)
     save_config(store, config)
     workdir = workdir or Path(os.environ.get("SELFLENGTHEN_WORKDIR", ".selflengthen"))
     bars = Progress(sys.stderr.isatty() if progress is None else progress)
+    metrics = metrics or default_metrics()
+    status = RunStatus(metrics, config)
     results: dict[int, dict[str, dict]] = {}
     try:
         for iteration in range(1, config.iterations + 1):
-            ctx = StageContext(config=config, iteration=iteration, store=store, progress=bars)
+            ctx = StageContext(config=config, iteration=iteration, store=store, progress=bars, metrics=metrics)
             stages = stages_of_iteration(config)
-            pending = [s for s in stages if not ctx.artifacts(s).done()]
-            results[iteration] = {}
-            if not pending:
-                results[iteration] = {s: ctx.artifacts(s).manifest() for s in stages}
+            results[iteration] = {s: ctx.artifacts(s).manifest() for s in stages if ctx.artifacts(s).done()}
+            status.iteration(iteration, results[iteration])
+            if len(results[iteration]) == len(stages):
                 continue
+            status.phase("Serving", iteration, None)
             with inference_endpoint(config, workdir) as endpoint:
                 ctx.endpoint = endpoint
                 for stage in stages:
+                    status.phase("Generating", iteration, stage)
                     results[iteration][stage] = run_stage(stage, ctx)
+                    status.iteration(iteration, results[iteration])
+        status.phase("Succeeded", config.iterations, None)
+    except BaseException:
+        status.phase("Failed", status.current, None)
+        raise
     finally:
         bars.close()
     return results
+
+
+class RunStatus:
+    """The run-level series of a local run: the same ones the operator sets for a cluster run."""
+
+    NAMESPACE = "local"
+
+    def __init__(self, metrics: Metrics, config: RunConfig):
+        self.metrics, self.config, self.current = metrics, config, 1
+
+    def phase(self, phase: str, iteration: int, stage: str | None) -> None:
+        self.current = iteration
+        self.metrics.set_run(self.config.name, self.NAMESPACE, phase=phase, iteration=iteration,
+                             iterations=self.config.iterations, stage=stage)
+
+    def iteration(self, iteration: int, manifests: dict[str, dict]) -> None:
+        self.metrics.set_iteration(self.config.name, self.NAMESPACE, iteration, manifests)
 
 
 def summary(config: RunConfig, results: dict[int, dict[str, dict]], store_uri: str) -> str:

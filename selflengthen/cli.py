@@ -25,6 +25,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline.store import open_store
 
     config = _config(args)
+    if args.metrics_port is not None:
+        from .pipeline.metrics import serve
+
+        serve(args.metrics_port, args.metrics_addr)
     results = run_local(config, progress=args.progress)
     print(summary(config, results, open_store(config.storage.uri, config.storage.endpoint_url).uri))
     return 0
@@ -37,6 +41,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from .pipeline.store import open_store
 
     config = _config(args)
+    if args.metrics_port is not None:
+        from .pipeline.metrics import serve
+
+        serve(args.metrics_port, args.metrics_addr)
     if not 1 <= args.iteration <= config.iterations:
         raise ConfigError(f"--iteration {args.iteration}: between 1 and iterations ({config.iterations}) wanted")
     store = open_store(config.storage.uri, config.storage.endpoint_url)
@@ -73,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--endpoint", help="use this OpenAI-compatible server instead of starting vLLM")
     run.add_argument("--storage", help="override storage.uri")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
+    run.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default loopback)")
     run.set_defaults(func=cmd_run)
 
     stage = sub.add_parser("stage", help="run one stage of one iteration (what cluster Jobs run)")
@@ -81,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--iteration", type=int, required=True)
     stage.add_argument("--endpoint", help="OpenAI-compatible server for generating stages")
     stage.add_argument("--storage", help="override storage.uri")
+    stage.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
+    stage.add_argument("--metrics-addr", default="0.0.0.0", help="address for --metrics-port (a Job pod's IP)")
     stage.set_defaults(func=cmd_stage)
 
     validate = sub.add_parser("validate", help="check a run configuration")

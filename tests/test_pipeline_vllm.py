@@ -171,3 +171,48 @@ def test_killed_stage_resumes_without_duplicates(vllm_endpoint, s3_endpoint, sto
     assert len(ids) == len(set(ids)), "no duplicate items after resume"
     assert manifest["counts"]["requested"] == 2 * len(instructions)
     assert manifest["counts"]["accepted"] == len(outputs) == sum(1 for r in work if r["id"])
+
+
+def test_metrics_move_with_the_pipeline(vllm_endpoint, tmp_path):
+    """A local run in this process, on a fresh registry: every counter matches the manifests it came from."""
+    from prometheus_client import CollectorRegistry
+
+    from selflengthen.pipeline.config import load_config
+    from selflengthen.pipeline.metrics import Metrics
+    from selflengthen.pipeline.runner import run_local
+
+    path = write_config(tmp_path / "run.yaml", "metrics", "http://unused",
+                        storage={"uri": f"file://{tmp_path}/store", "shardSize": 4},
+                        filters={"checkEnding": False, "checkMeta": False})
+    config = load_config(path)
+    config = config.model_copy(update={"models": config.models.model_copy(update={"endpoint": vllm_endpoint})})
+    registry = CollectorRegistry()
+    results = run_local(config, progress=False, metrics=Metrics(registry))[1]
+
+    def value(name: str, **labels) -> float:
+        got = registry.get_sample_value(name, labels)
+        return 0.0 if got is None else got
+
+    for stage, manifest in results.items():
+        labels = {"run": "metrics", "iteration": "1", "stage": stage}
+        counts = manifest["counts"]
+        assert value("selflengthen_stage_items_total", **labels, outcome="requested") == counts["requested"]
+        assert value("selflengthen_stage_items_total", **labels, outcome="accepted") == counts["accepted"]
+        for reason, n in counts["rejected"].items():
+            assert value("selflengthen_stage_rejections_total", **labels, reason=reason) == n
+        assert value("selflengthen_stage_items_done", **labels) == value("selflengthen_stage_items_planned", **labels)
+    respond, extend = results["respond"], results["extend"]
+    assert value("selflengthen_response_words_count", run="metrics", iteration="1", kind="initial") == \
+        respond["counts"]["accepted"]
+    assert value("selflengthen_response_words_count", run="metrics", iteration="1", kind="extended") == \
+        extend["counts"]["accepted"]
+    assert respond["counts"]["droppedShort"] == value("selflengthen_stage_items_total", run="metrics", iteration="1",
+                                                      stage="respond", outcome="dropped_short")
+    run = {"run": "metrics", "namespace": "local"}
+    assert value("selflengthen_run_phase", **run, phase="Succeeded") == 1
+    assert value("selflengthen_run_phase", **run, phase="Generating") == 0
+    assert value("selflengthen_iteration_average_words", **run, iteration="1", kind="extended") == \
+        extend["averageWords"]
+    assert value("selflengthen_generated_tokens_total", run="metrics", stage="respond") > 0
+    assert value("selflengthen_inference_requests_total", run="metrics", stage="extend", result="ok") == \
+        extend["counts"]["requests"]

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from ..artifacts import StageArtifacts
 from ..config import RunConfig
+from ..metrics import Metrics
+from ..metrics import metrics as default_metrics
 from ..store import Store
 
 # Stage name (as on the command line and in the store) -> module. Order is the order of a macro-iteration.
@@ -23,6 +25,10 @@ STAGES: dict[str, str] = {
     "self-instruct": "self_instruct",
     "respond": "respond",
     "extend": "extend",
+    "build-sft": "build_sft",
+    "train-generator": "train_generator",
+    "train-extender": "train_extender",
+    "evaluate": "evaluate",
 }
 
 log = logging.getLogger("selflengthen.stage")
@@ -40,6 +46,7 @@ class StageContext:
     endpoint: str | None = None  # OpenAI-compatible base URL for stages that generate
     api_key: str | None = field(default=None, repr=False)
     progress: Callable[[str, int, int], None] | None = None  # (stage, done, total)
+    metrics: Metrics = field(default_factory=default_metrics, repr=False)
 
     def artifacts(self, stage: str, iteration: int | None = None) -> StageArtifacts:
         return StageArtifacts(self.store, self.config.name, iteration or self.iteration, stage)
@@ -50,6 +57,9 @@ class StageContext:
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
     def tick(self, stage: str, done: int, total: int) -> None:
+        labels = {"run": self.config.name, "iteration": str(self.iteration), "stage": stage}
+        self.metrics.items_done.labels(**labels).set(done)
+        self.metrics.items_planned.labels(**labels).set(total)
         if self.progress:
             self.progress(stage, done, total)
 
@@ -75,4 +85,6 @@ def run_stage(name: str, ctx: StageContext) -> dict:
     manifest = module.run(ctx)
     manifest = artifacts.finish({**manifest, "durationSeconds": round(time.time() - started, 3)})
     log.info("stage %s of iteration %d done: %s", name, ctx.iteration, manifest.get("counts"))
+    rows = artifacts.read_outputs() if name in ("respond", "extend") else ()
+    ctx.metrics.record_stage(ctx.config.name, ctx.iteration, name, manifest, rows)
     return manifest

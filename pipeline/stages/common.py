@@ -21,7 +21,8 @@ def make_client(ctx: StageContext, salt: str) -> InferenceClient:
     api_key = ctx.api_key
     if api_key is None and ctx.config.models.api_key_env:
         api_key = os.environ.get(ctx.config.models.api_key_env)
-    return InferenceClient(endpoint, ctx.config.client, api_key=api_key, seed=ctx.seed("client", salt))
+    return InferenceClient(endpoint, ctx.config.client, api_key=api_key, seed=ctx.seed("client", salt),
+                           observe=ctx.metrics.client_observer(ctx.config.name, salt))
 
 
 def chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
