@@ -8,7 +8,7 @@ CONFIG ?= examples/local-tiny.yaml
 # started here (cwd goes first on sys.path); safe-path mode keeps cwd off sys.path.
 export PYTHONSAFEPATH := 1
 
-.PHONY: install demo test lint clean
+.PHONY: install tools demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,17 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# Prometheus and promtool (Debian package) for the monitoring tests; installed when missing and apt can run.
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "note: prometheus not installed; the monitoring tests will be skipped"; fi
+
 demo: install
 	$(BIN)/selflengthen run $(CONFIG)
 
-test: install
+test: install tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 clean:

@@ -13,6 +13,7 @@ Two kinds of series:
 from __future__ import annotations
 
 import math
+import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -26,6 +27,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY):
         self.registry = registry
+        self._last_stage: dict[tuple[str, str], tuple[str, str | None]] = {}
         stage = ["run", "iteration", "stage"]
         # -- data stages ----------------------------------------------------------------------------------------
         self.items = Counter("selflengthen_stage_items_total", "Items of a stage by outcome "
@@ -75,6 +77,8 @@ class Metrics:
                                     registry=registry)
         self.run_stage = Gauge("selflengthen_run_stage", "1 for the stage running now", [*run, "stage"],
                                registry=registry)
+        self.run_stage_started = Gauge("selflengthen_run_stage_started_timestamp_seconds", "When the current "
+                                       "stage (or phase) of the run started", run, registry=registry)
         self.iteration_words = Gauge("selflengthen_iteration_average_words", "Average words of an iteration's "
                                      "accepted responses (kind: initial, extended)", [*run, "iteration", "kind"],
                                      registry=registry)
@@ -84,6 +88,18 @@ class Metrics:
                                          "finished stage", [*run, "iteration", "stage"], registry=registry)
         self.iteration_loss = Gauge("selflengthen_iteration_training_loss", "Final training loss", [*run, "iteration",
                                     "role"], registry=registry)
+        # -- orchestrators (operator or local runner) ------------------------------------------------------------------------------------------------
+        self.stage_attempts = Counter("selflengthen_stage_attempts_total", "Stage attempts started (a Job, a "
+                                      "server or a local call)", [*run, "stage"], registry=registry)
+        self.stage_failures = Counter("selflengthen_stage_failures_total", "Failed stage attempts by reason",
+                                      [*run, "stage", "reason"], registry=registry)
+        self.reconcile_errors = Counter("selflengthen_operator_reconcile_errors_total", "Reconciliations that "
+                                        "raised", ["namespace"], registry=registry)
+        self.reconcile_seconds = Histogram("selflengthen_operator_reconcile_duration_seconds", "Reconcile latency",
+                                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                           registry=registry)
+        self.children_created = Counter("selflengthen_operator_children_created_total", "Child objects created by "
+                                        "kind", ["namespace", "kind"], registry=registry)
         self.longen_score = Gauge("selflengthen_longen_score", "LonGen length-following score (type: about, range, "
                                   "above, below, overall)", [*run, "iteration", "type"], registry=registry)
 
@@ -136,6 +152,10 @@ class Metrics:
 
     def set_run(self, run: str, namespace: str, *, phase: str, iteration: int, iterations: int,
                 stage: str | None) -> None:
+        key = (run, namespace)
+        if self._last_stage.get(key) != (phase, stage):
+            self._last_stage[key] = (phase, stage)
+            self.run_stage_started.labels(run=run, namespace=namespace).set(time.time())
         for p in PHASES:
             self.run_phase.labels(run=run, namespace=namespace, phase=p).set(1 if p == phase else 0)
         self.run_iteration.labels(run=run, namespace=namespace).set(iteration)
@@ -163,7 +183,8 @@ class Metrics:
 
     def forget_run(self, run: str, namespace: str) -> None:
         """Drop a deleted run's series so that they do not linger."""
-        for metric in (self.run_phase, self.run_iteration, self.run_iterations, self.run_stage, self.iteration_words,
+        self._last_stage.pop((run, namespace), None)
+        for metric in (self.run_phase, self.run_stage_started, self.run_iteration, self.run_iterations, self.run_stage, self.iteration_words,
                        self.iteration_accepted, self.iteration_requested, self.iteration_loss, self.longen_score):
             for labels in [dict(zip(metric._labelnames, values)) for values in list(metric._metrics)]:
                 if labels.get("run") == run and labels.get("namespace") == namespace:

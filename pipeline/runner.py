@@ -102,8 +102,10 @@ def run_local(
             with inference_endpoint(config, workdir) as endpoint:
                 ctx.endpoint = endpoint
                 for stage in stages:
+                    if stage in results[iteration]:
+                        continue
                     status.phase("Generating", iteration, stage)
-                    results[iteration][stage] = run_stage(stage, ctx)
+                    results[iteration][stage] = status.attempt(stage, lambda: run_stage(stage, ctx))
                     status.iteration(iteration, results[iteration])
         status.phase("Succeeded", config.iterations, None)
     except BaseException:
@@ -126,6 +128,15 @@ class RunStatus:
         self.current = iteration
         self.metrics.set_run(self.config.name, self.NAMESPACE, phase=phase, iteration=iteration,
                              iterations=self.config.iterations, stage=stage)
+
+    def attempt(self, stage: str, call):
+        labels = {"run": self.config.name, "namespace": self.NAMESPACE, "stage": stage}
+        self.metrics.stage_attempts.labels(**labels).inc()
+        try:
+            return call()
+        except Exception as err:
+            self.metrics.stage_failures.labels(**labels, reason=type(err).__name__).inc()
+            raise
 
     def iteration(self, iteration: int, manifests: dict[str, dict]) -> None:
         self.metrics.set_iteration(self.config.name, self.NAMESPACE, iteration, manifests)

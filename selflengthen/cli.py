@@ -69,6 +69,18 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Write the generated deployment files (dashboard, rules) into the repository's chart."""
+    from pathlib import Path
+
+    from .operator import monitoring
+
+    root = Path(args.root)
+    for path in monitoring.write(root / "charts" / "selflengthen"):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline.stages import STAGES
 
@@ -102,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny-model", help="build (once) the tiny local model and print its directory")
     tiny.set_defaults(func=cmd_tiny_model)
+    generate = sub.add_parser("generate", help="regenerate the chart's dashboard and rules (for developers)")
+    generate.add_argument("--root", default=".", help="repository root")
+    generate.set_defaults(func=cmd_generate)
     return parser
 
 

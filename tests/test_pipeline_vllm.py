@@ -15,45 +15,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import boto3
 import pytest
 import yaml
 
 from selflengthen.pipeline.artifacts import StageArtifacts
-from selflengthen.pipeline.serving import VLLMServer
 from selflengthen.pipeline.stages import DATA_STAGES
 from selflengthen.pipeline.store import S3Store
-from selflengthen.pipeline.tinymodel import ensure_tiny_model
+
+from conftest import BUCKET, S3_CREDENTIALS
 
 pytestmark = pytest.mark.vllm
-
-BUCKET = "runs"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, **_boto_credentials()).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
-
-
-def _boto_credentials() -> dict:
-    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def vllm_endpoint(tmp_path_factory):
-    model = ensure_tiny_model()
-    with VLLMServer(str(model), served_names=["generator", "extender"], max_model_len=2048,
-                    workdir=tmp_path_factory.mktemp("vllm")) as server:
-        yield server.endpoint
 
 
 def write_config(path: Path, name: str, s3_endpoint: str, **overrides) -> Path:
@@ -80,7 +51,7 @@ def stage_command(name: str, config: Path, endpoint: str) -> list[str]:
 
 
 def stage_env() -> dict:
-    return {**os.environ, **CREDENTIALS, "PYTHONSAFEPATH": "1"}
+    return {**os.environ, **S3_CREDENTIALS, "PYTHONSAFEPATH": "1"}
 
 
 def run_stage_cli(name: str, config: Path, endpoint: str) -> dict:
@@ -91,9 +62,7 @@ def run_stage_cli(name: str, config: Path, endpoint: str) -> dict:
 
 
 @pytest.fixture
-def store(s3_endpoint, monkeypatch):
-    for key, value in CREDENTIALS.items():
-        monkeypatch.setenv(key, value)
+def store(s3_endpoint):
     return S3Store(BUCKET, "pipeline", endpoint_url=s3_endpoint)
 
 
