@@ -20,7 +20,7 @@ from .store import AlreadyExists, Store, dumps_jsonl, read_json, read_jsonl, wri
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
-_PART = re.compile(r"part-(\d{5,})\.jsonl$")
+_PART = re.compile(r"part-(\d{5,})\.jsonl")
 
 
 def iteration_prefix(run: str, iteration: int) -> str:
@@ -68,7 +68,7 @@ class StageArtifacts:
         return self.key(f"work/{part_name(index)}")
 
     def work_done(self) -> set[int]:
-        return {int(m.group(1)) for k in self.store.list(self.key("work")) if (m := _PART.search(k))}
+        return {int(m.group(1)) for k in self.store.list(self.key("work")) if (m := _PART.fullmatch(k.rsplit("/", 1)[-1]))}
 
     def write_work(self, index: int, rows: Iterable[dict]) -> bool:
         """Write a finished work shard once; False when another writer finished it first (its copy stands)."""
@@ -103,7 +103,9 @@ class StageArtifacts:
         return count
 
     def output_keys(self) -> list[str]:
-        return [k for k in self.store.list(self.prefix) if _PART.search(k) and "/work/" not in k]
+        # Direct children only: build-sft/generator's parts are not build-sft's, nor are work shards.
+        start = len(self.prefix) + 1
+        return [k for k in self.store.list(self.prefix) if _PART.fullmatch(k[start:])]
 
     def read_outputs(self) -> Iterator[dict]:
         for key in self.output_keys():

@@ -108,7 +108,7 @@ class Client(Model):
 
     concurrency: int = Field(32, ge=1, le=4096, description="Requests in flight at most")
     request_timeout_seconds: float = Field(900, gt=0, description="Per-request timeout")
-    max_attempts: int = Field(8, ge=1, le=100, description="Attempts per request on 429/5xx/connection errors")
+    max_attempts: int = Field(8, ge=1, le=100, description="Attempts per request on 429/5xx/timeouts (refused connections: until the deadline)")
     backoff_seconds: float = Field(0.5, gt=0, description="First retry delay; doubles each attempt, with jitter")
     max_backoff_seconds: float = Field(30, gt=0)
     deadline_seconds: float = Field(300, gt=0, description="Fail when the server stays unreachable this long")
@@ -145,6 +145,60 @@ class Local(Model):
     extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments, one per item")
 
 
+class BuildSft(Model):
+    """Making the SFT sets of an iteration from its extended responses."""
+
+    line_drop_probability: float = Field(
+        0.2, ge=0, lt=1,
+        description="Extender set: each line of the initial response is dropped with this probability",
+    )
+
+
+class Lora(Model):
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r (vLLM's --max-lora-rank must be at least this)")
+    alpha: float = Field(16, gt=0, description="LoRA alpha (scaling = alpha / rank)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[Annotated[str, Field(min_length=1)]] = Field(
+        "all-linear", description="'all-linear' (every linear layer but the output head) or module names"
+    )
+
+
+class Training(Model):
+    """Fine-tuning of the Generator and the Extender (transformers Trainer + peft). Reference defaults."""
+
+    mode: Literal["lora", "full"] = Field("lora", description="LoRA adapters, or full fine-tuning")
+    lora: Lora = Field(default_factory=Lora)
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    epochs: float = Field(4, gt=0, le=1000)
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: epochs decide)")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the steps with a linear warmup")
+    cutoff_tokens: int = Field(16384, ge=16, description="Examples are truncated to this many tokens")
+    batch_size: int = Field(1, ge=1, le=1024, description="Examples per device per forward pass")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding)")
+    gradient_checkpointing: bool = Field(True, description="On CUDA: trade compute for memory")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on CUDA, float32 on CPU")
+    save_steps: int = Field(200, ge=1, description="Checkpoint (and upload to the store) every this many steps")
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="Checkpoints kept locally and in the store")
+    logging_steps: int = Field(1, ge=1)
+    deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON config (needs deepspeed installed)")
+    ddp_timeout_seconds: int = Field(7200, ge=60, description="Collective timeout (checkpoint uploads run inside)")
+
+
+class Evaluate(Model):
+    """LonGen length-following evaluation of each iteration's Generator."""
+
+    enabled: bool = True
+    items: int = Field(240, ge=1, le=240, description="LonGen items asked (evenly spread over its groups)")
+    languages: list[Literal["en", "zh"]] | None = Field(
+        None, description="Only items in these languages (empty: all)"
+    )
+    max_tokens: int | None = Field(None, ge=1, description="Overrides sampling.maxTokens for the answers")
+
+
 class RunConfig(Model):
     """A whole Self-Lengthen run."""
 
@@ -161,6 +215,9 @@ class RunConfig(Model):
     client: Client = Field(default_factory=Client)
     storage: Storage = Field(default_factory=Storage)
     local: Local = Field(default_factory=Local)
+    build_sft: BuildSft = Field(default_factory=BuildSft)
+    training: Training = Field(default_factory=Training)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
 
     @field_validator("languages")
     @classmethod

@@ -171,14 +171,22 @@ class InferenceClient:
             self.stats.in_flight += 1
             self._observe("start", 1)
             try:
-                for attempt in range(1, cfg.max_attempts + 1):
+                # attempt: tries that count against max_attempts; failures: all failed tries (the backoff grows
+                # with it). A try that cannot even connect (nothing listening: the server is down or restarting,
+                # which takes vLLM minutes) is bounded by the deadline alone: counting it against max_attempts
+                # failed every request after a few quick backoffs, long before deadline_seconds.
+                attempt = failures = 0
+                while True:
                     self.stats.requests += 1
                     sent = time.monotonic()
                     try:
                         response = await self._http.request(method, path, json=body)
                     except (httpx.TimeoutException, httpx.TransportError) as err:
                         last_error = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                        if not isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout)):
+                            attempt += 1
                     else:
+                        attempt += 1
                         if response.status_code < 400:
                             self._down_since = None
                             self._observe("ok", time.monotonic() - sent)
@@ -196,16 +204,17 @@ class InferenceClient:
                             raise error(self.endpoint, response.status_code, response.text)
                         last_error = f"HTTP {response.status_code}: {response.text[:200]}"
                     self.stats.errors += 1
+                    failures += 1
                     now = time.monotonic()
                     if self._down_since is None:
                         self._down_since = now
-                    if now - self._down_since >= cfg.deadline_seconds or attempt == cfg.max_attempts:
+                    if now - self._down_since >= cfg.deadline_seconds or attempt >= cfg.max_attempts:
                         self._observe("failed", 1)
                     if now - self._down_since >= cfg.deadline_seconds:
                         raise ServerUnavailable(self.endpoint, now - self._down_since, last_error)
-                    if attempt == cfg.max_attempts:
+                    if attempt >= cfg.max_attempts:
                         break
-                    delay = self._backoff(attempt)
+                    delay = self._backoff(failures)
                     self.stats.retries += 1
                     self._observe("retry", 1)
                     await asyncio.sleep(min(delay, max(0.0, self._down_since + cfg.deadline_seconds - now)))

@@ -49,7 +49,8 @@ class LocalStore:
     def read(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        # A key that names a directory, or runs through a file, is missing as on S3 (not an OSError).
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise KeyError(key) from None
 
     def write(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
@@ -81,12 +82,18 @@ class LocalStore:
             return []
         keys = []
         for path in base.rglob("*"):
-            if path.is_file() and not path.name.startswith("."):
+            # Hide only in-flight temp files (.NAME.XXXX.tmp, see write): other dot-named keys are keys, as on S3.
+            if path.is_file() and not (path.name.startswith(".") and path.name.endswith(".tmp")):
                 keys.append(path.relative_to(self.root).as_posix())
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        try:
+            if not path.is_dir():  # a "directory" is no key: deleting it is a no-op, as on S3
+                path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            pass
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
