@@ -8,11 +8,15 @@ endpoint and the last error. Other 4xx answers are not retried: they raise Reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import ssl
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import httpcore
 import httpx
 
 from .config import Client as ClientConfig
@@ -34,6 +38,14 @@ class ServerUnavailable(InferenceError):
         self.last_error = last_error
 
 
+class ServerGone(InferenceError):
+    """The server we started ourselves has exited: waiting for the deadline would only waste time."""
+
+    def __init__(self, endpoint: str, reason: str, last_error: str):
+        super().__init__(f"inference server {endpoint} is gone ({reason}); last error: {last_error}")
+        self.endpoint = endpoint
+
+
 class RequestRejected(InferenceError):
     def __init__(self, endpoint: str, status: int, body: str):
         super().__init__(f"inference server {endpoint} refused a request with HTTP {status}: {body[:500]}")
@@ -41,7 +53,19 @@ class RequestRejected(InferenceError):
 
 
 class ModelNotFound(RequestRejected):
-    pass
+    """HTTP 404: for a request naming a model, the server serves no model of that name."""
+
+    def __init__(self, endpoint: str, status: int, body: str, model: str | None = None):
+        super().__init__(endpoint, status, body)
+        self.model = model
+        if model is not None:
+            self.args = (f"inference server {endpoint} does not serve a model named {model!r} (HTTP {status}: "
+                         f"{body[:300]}); check models.generator / models.extender against its served names",)
+
+
+class EmptyReplies(InferenceError):
+    """Every one of many completions in a row came back without text: a broken model, chat template or sampling
+    setting, not bad luck. Failing beats hours of requests whose answers are all rejected."""
 
 
 @dataclass
@@ -61,6 +85,120 @@ class Generation:
     completion_tokens: int
 
 
+# httpcore exceptions -> httpx ones, most specific first (what httpx's own transport raises).
+_HTTPCORE_ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+@contextlib.contextmanager
+def _httpx_errors() -> Iterator[None]:
+    try:
+        yield
+    except Exception as err:
+        for core, mapped in _HTTPCORE_ERRORS:
+            if isinstance(err, core):
+                raise mapped(str(err)) from err
+        raise
+
+
+class _StackPool(httpx.AsyncBaseTransport):
+    """Keep-alive HTTP/1.1 connections kept on a stack: O(1) work per request.
+
+    httpx's default pool (httpcore.AsyncConnectionPool) rescans every pooled connection, with a quadratic idle
+    check and a socket poll for each, whenever a request is queued or released: at the concurrency that
+    saturates a GPU server (100+ connections) that cost ~6 ms of CPU per request (bench/saturation.py) and made
+    the client, not the server, the bottleneck. Here only the connection about to be reused is checked. The
+    connections are httpcore's own (h11 parsing, TLS, httpx's timeouts) and errors are httpx's, as before. The
+    number of connections is bounded by the client's semaphore (one per request in flight)."""
+
+    def __init__(self, max_idle: int, keepalive_expiry: float = 5.0):
+        self._idle: dict[tuple, list[httpcore.AsyncHTTPConnection]] = {}
+        self._max_idle = max_idle
+        self._keepalive_expiry = keepalive_expiry  # httpx's default: servers (uvicorn) drop idle ones after 5 s
+        self._ssl_context: ssl.SSLContext | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        idle = self._idle.setdefault((url.raw_scheme, url.raw_host, url.port), [])
+        connection = None
+        while idle:
+            candidate = idle.pop()
+            if candidate.is_idle() and not candidate.has_expired():
+                connection = candidate
+                break
+            await candidate.aclose()
+        if connection is None:
+            https = url.scheme == "https"
+            if https and self._ssl_context is None:
+                self._ssl_context = httpx.create_ssl_context()
+            origin = httpcore.Origin(url.raw_scheme, url.raw_host, url.port or (443 if https else 80))
+            connection = httpcore.AsyncHTTPConnection(
+                origin, ssl_context=self._ssl_context if https else None, keepalive_expiry=self._keepalive_expiry
+            )
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        reusable = False
+        try:
+            with _httpx_errors():
+                response = await connection.handle_async_request(core_request)
+                try:
+                    content = b"".join([chunk async for chunk in response.stream])
+                finally:
+                    await response.aclose()
+            reusable = connection.is_idle()
+        finally:
+            if reusable and len(idle) < self._max_idle:
+                idle.append(connection)
+            else:
+                await connection.aclose()
+        return httpx.Response(
+            response.status, headers=response.headers, stream=httpx.ByteStream(content),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                await connection.aclose()
+
+
+def _default_transport(endpoint: str, concurrency: int) -> httpx.AsyncBaseTransport | None:
+    """The stack pool, unless an environment proxy applies to the endpoint (then httpx's own transport, which
+    honours it; None)."""
+    url = httpx.URL(endpoint)
+    proxies = urllib.request.getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(url.host):
+        return None
+    return _StackPool(max_idle=concurrency)
+
+
+def _completion_tokens(data: dict) -> int:
+    """usage.completion_tokens of a reply; 0 when missing or malformed (it only feeds statistics)."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 0
+
+
 class InferenceClient:
     def __init__(
         self,
@@ -71,6 +209,7 @@ class InferenceClient:
         seed: int = 0,
         transport: httpx.AsyncBaseTransport | None = None,
         observe: Callable[[str, float], None] | None = None,
+        alive: Callable[[], str | None] | None = None,
     ):
         self.endpoint = endpoint.rstrip("/")
         self.config = config or ClientConfig()
@@ -80,15 +219,19 @@ class InferenceClient:
         # Optional hook for metrics: observe(event, value) with events start, end, ok (latency seconds),
         # retry, failed and tokens (count). Keeps this module free of any metrics library.
         self._observe = observe or (lambda event, value: None)
+        # Optional check of a server we started ourselves: returns why it is gone (None while it runs), so a
+        # dead local server fails the stage at once instead of after the deadline.
+        self._alive = alive or (lambda: None)
         # Start of the current stretch in which no request has succeeded (None while the server answers).
         self._down_since: float | None = None
+        self._empty_streak = 0  # completions in a row without text (see EmptyReplies)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
             base_url=self.endpoint,
             headers=headers,
             timeout=httpx.Timeout(self.config.request_timeout_seconds, connect=min(10.0, self.config.request_timeout_seconds)),
             limits=httpx.Limits(max_connections=self.config.concurrency, max_keepalive_connections=self.config.concurrency),
-            transport=transport,
+            transport=transport if transport is not None else _default_transport(self.endpoint, self.config.concurrency),
         )
 
     async def __aenter__(self) -> InferenceClient:
@@ -121,12 +264,31 @@ class InferenceClient:
             body["add_generation_prompt"] = False
         data = await self.post("/chat/completions", body)
         choice = self._first_choice(data)
-        message = choice.get("message") or {}
-        return Generation(
-            text=message.get("content") or "",
-            finish_reason=choice.get("finish_reason"),
-            completion_tokens=int((data.get("usage") or {}).get("completion_tokens") or 0),
-        )
+        message = choice.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(content, str | None):
+            raise InferenceError(
+                f"inference server {self.endpoint} answered without a message text: {str(data)[:300]}"
+            )
+        generation = Generation(text=content or "", finish_reason=choice.get("finish_reason"),
+                                completion_tokens=_completion_tokens(data))
+        self._count_empty(model, generation)
+        return generation
+
+    # Completions in a row without text (across the client's requests) that make it give up; see EmptyReplies.
+    EMPTY_STREAK_LIMIT = 100
+
+    def _count_empty(self, model: str, generation: Generation) -> None:
+        if generation.text.strip():
+            self._empty_streak = 0
+            return
+        self._empty_streak += 1
+        if self._empty_streak >= self.EMPTY_STREAK_LIMIT:
+            raise EmptyReplies(
+                f"inference server {self.endpoint} answered the last {self._empty_streak} requests to model "
+                f"{model!r} with empty text (finish_reason {generation.finish_reason!r}): check the served model, "
+                f"its chat template and sampling.maxTokens / sampling.stop"
+            )
 
     def _sampling_body(self, model: str, sampling: Sampling, max_tokens: int | None, seed: int | None) -> dict:
         body = {
@@ -147,14 +309,19 @@ class InferenceClient:
         choices = data.get("choices") if isinstance(data, dict) else None
         if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
             raise InferenceError(f"inference server {self.endpoint} answered without choices: {str(data)[:300]}")
-        tokens = (data.get("usage") or {}).get("completion_tokens") or 0
-        self.stats.completion_tokens += int(tokens)
-        self._observe("tokens", int(tokens))
+        tokens = _completion_tokens(data)
+        self.stats.completion_tokens += tokens
+        self._observe("tokens", tokens)
         return choices[0]
 
     async def models(self) -> list[str]:
         data = await self.get("/models")
-        return [m["id"] for m in data.get("data", [])]
+        listed = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                   for m in listed):
+            raise InferenceError(f"inference server {self.endpoint} answered /models without a model list: "
+                                 f"{str(data)[:300]}")
+        return [m["id"] for m in listed]
 
     # -- transport with retries ------------------------------------------------------------------------------
 
@@ -185,6 +352,10 @@ class InferenceClient:
                         last_error = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
                         if not isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout)):
                             attempt += 1
+                        gone = self._alive()
+                        if gone:
+                            self._observe("failed", 1)
+                            raise ServerGone(self.endpoint, gone, last_error)
                     else:
                         attempt += 1
                         if response.status_code < 400:
@@ -193,13 +364,16 @@ class InferenceClient:
                             try:
                                 return response.json()
                             except ValueError:
+                                what = (f"invalid JSON: {response.text[:300]}" if response.content.strip()
+                                        else f"an empty body (HTTP {response.status_code})")
                                 raise InferenceError(
-                                    f"inference server {self.endpoint} answered {path} with invalid JSON: "
-                                    f"{response.text[:300]}"
+                                    f"inference server {self.endpoint} answered {path} with {what}"
                                 ) from None
                         if response.status_code not in RETRYABLE_STATUS:
                             self._down_since = None
                             self._observe("failed", 1)
+                            if response.status_code == 404 and isinstance(body, dict) and body.get("model"):
+                                raise ModelNotFound(self.endpoint, 404, response.text, model=str(body["model"]))
                             error = ModelNotFound if response.status_code == 404 else RequestRejected
                             raise error(self.endpoint, response.status_code, response.text)
                         last_error = f"HTTP {response.status_code}: {response.text[:200]}"

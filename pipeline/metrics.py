@@ -177,7 +177,8 @@ class Metrics:
             if stage.startswith("train-") and _finite(manifest.get("finalLoss")):
                 self.iteration_loss.labels(**labels, role=stage.removeprefix("train-")).set(manifest["finalLoss"])
             if stage == "evaluate":
-                for kind, score in (manifest.get("scores") or {}).items():
+                scores = manifest.get("scores") or {}
+                for kind, score in {"overall": scores.get("overall"), **(scores.get("byType") or {})}.items():
                     if _finite(score):
                         self.longen_score.labels(**labels, type=kind).set(score)
 

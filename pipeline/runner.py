@@ -7,11 +7,10 @@ a subprocess (the local stand-in for the operator's inference Deployment) and st
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -27,8 +26,51 @@ from .tinymodel import resolve_model
 log = logging.getLogger("selflengthen.runner")
 
 
+# Which served models a generating stage talks to. Data stages use the models of the previous iteration (the base
+# model in iteration 1); evaluate uses the Generator trained in this iteration. Other stages need no server.
+STAGE_ROLES = {"self-instruct": ("generator",), "respond": ("generator",), "extend": ("extender",),
+               "evaluate": ("generator",)}
+TRAIN_STAGES = ("build-sft", "train-generator", "train-extender")
+
+
 def stages_of_iteration(config: RunConfig) -> tuple[str, ...]:
-    return DATA_STAGES
+    return DATA_STAGES + TRAIN_STAGES + (("evaluate",) if config.evaluate.enabled else ())
+
+
+def phase_of(stage: str) -> str:
+    if stage in DATA_STAGES:
+        return "Generating"
+    return "Evaluating" if stage == "evaluate" else "Training"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What one vLLM server serves: a model under some names, plus LoRA adapters by name."""
+
+    model: str
+    names: tuple[str, ...]
+    lora: tuple[tuple[str, str], ...] = ()
+
+
+def server_spec(config: RunConfig, store: Store, stage: str, iteration: int, workdir: Path) -> ServerSpec:
+    """The server a generating stage needs. LoRA: the base model plus both roles' adapters on one server
+    (vLLM --enable-lora); full fine-tuning: the trained weights of the stage's role, served under its name."""
+    from .training import fetch_trained_model
+
+    models = config.models
+    model_iteration = iteration if stage == "evaluate" else iteration - 1
+    if model_iteration == 0:
+        return ServerSpec(resolve_model(models.base), (models.generator, models.extender))
+    if config.training.mode == "lora":
+        adapters = tuple(
+            (getattr(models, role),
+             str(fetch_trained_model(config, store, model_iteration, role, workdir).path.resolve()))
+            for role in ("generator", "extender")
+        )
+        return ServerSpec(resolve_model(models.base), ("base",), adapters)
+    (role,) = STAGE_ROLES[stage]
+    trained = fetch_trained_model(config, store, model_iteration, role, workdir)
+    return ServerSpec(str(trained.path.resolve()), (getattr(models, role),))
 
 
 class Progress:
@@ -53,22 +95,41 @@ class Progress:
         self.bars.clear()
 
 
-@contextlib.contextmanager
-def inference_endpoint(config: RunConfig, workdir: Path) -> Iterator[str]:
-    """The configured endpoint, or a local vLLM server serving the base model as Generator and Extender."""
-    if config.models.endpoint:
-        yield config.models.endpoint
-        return
-    local = config.local
-    server = VLLMServer(
-        resolve_model(config.models.base),
-        served_names=[config.models.generator, config.models.extender],
-        port=local.port, max_model_len=local.max_model_len, kv_cache_gib=local.kv_cache_gib,
-        startup_timeout=local.startup_timeout_seconds, extra_args=local.extra_args, workdir=workdir,
-    )
-    log.info("starting vLLM server for %s (log: %s)", config.models.base, server.log_path)
-    with server:
-        yield server.endpoint
+class Endpoints:
+    """The inference server of the stage at hand: the configured endpoint, or a local vLLM server started for
+    the models the stage needs (restarted only when they change; stopped for training and on exit)."""
+
+    def __init__(self, config: RunConfig, store: Store, workdir: Path):
+        self.config, self.store, self.workdir = config, store, workdir
+        self.spec: ServerSpec | None = None
+        self.server: VLLMServer | None = None
+
+    def for_stage(self, stage: str, iteration: int) -> str:
+        if self.config.models.endpoint:
+            return self.config.models.endpoint
+        spec = server_spec(self.config, self.store, stage, iteration, self.workdir)
+        if spec != self.spec:
+            self.stop()
+            local = self.config.local
+            server = VLLMServer(
+                spec.model, served_names=list(spec.names), lora_modules=dict(spec.lora) or None,
+                port=local.port, max_model_len=local.max_model_len, kv_cache_gib=local.kv_cache_gib,
+                startup_timeout=local.startup_timeout_seconds, extra_args=local.extra_args, workdir=self.workdir,
+                max_lora_rank=self.config.training.lora.rank,
+            )
+            log.info("starting vLLM server for %s%s (log: %s)", spec.model,
+                     f" with adapters {', '.join(n for n, _ in spec.lora)}" if spec.lora else "", server.log_path)
+            self.server = server.start()
+            self.spec = spec
+        return self.server.endpoint
+
+    def gone(self) -> str | None:
+        return self.server.gone() if self.server is not None else None
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.server, self.spec = None, None
 
 
 def save_config(store: Store, config: RunConfig) -> None:
@@ -81,6 +142,7 @@ def run_local(
     progress: bool | None = None,
     workdir: Path | None = None,
     metrics: Metrics | None = None,
+    endpoints: Endpoints | None = None,
 ) -> dict:
     """Run (or resume) the whole run; returns {iteration: {stage: manifest}}."""
     store = open_store(config.storage.uri, config.storage.endpoint_url)
@@ -90,6 +152,7 @@ def run_local(
     metrics = metrics or default_metrics()
     status = RunStatus(metrics, config)
     results: dict[int, dict[str, dict]] = {}
+    endpoints = endpoints or Endpoints(config, store, workdir)
     try:
         for iteration in range(1, config.iterations + 1):
             ctx = StageContext(config=config, iteration=iteration, store=store, progress=bars, metrics=metrics)
@@ -98,20 +161,24 @@ def run_local(
             status.iteration(iteration, results[iteration])
             if len(results[iteration]) == len(stages):
                 continue
-            status.phase("Serving", iteration, None)
-            with inference_endpoint(config, workdir) as endpoint:
-                ctx.endpoint = endpoint
-                for stage in stages:
-                    if stage in results[iteration]:
-                        continue
-                    status.phase("Generating", iteration, stage)
-                    results[iteration][stage] = status.attempt(stage, lambda: run_stage(stage, ctx))
-                    status.iteration(iteration, results[iteration])
+            for stage in stages:
+                if stage in results[iteration]:
+                    continue
+                if stage in STAGE_ROLES:
+                    status.phase("Serving", iteration, stage)
+                    ctx.endpoint = endpoints.for_stage(stage, iteration)
+                    ctx.endpoint_gone = endpoints.gone
+                else:
+                    endpoints.stop()  # training needs the memory (the GPUs, on a cluster)
+                status.phase(phase_of(stage), iteration, stage)
+                results[iteration][stage] = status.attempt(stage, lambda: run_stage(stage, ctx))
+                status.iteration(iteration, results[iteration])
         status.phase("Succeeded", config.iterations, None)
     except BaseException:
         status.phase("Failed", status.current, None)
         raise
     finally:
+        endpoints.stop()
         bars.close()
     return results
 
@@ -143,16 +210,29 @@ class RunStatus:
 
 
 def summary(config: RunConfig, results: dict[int, dict[str, dict]], store_uri: str) -> str:
-    """A short human summary: counts, acceptance per filter, words before and after extension."""
+    """A short human summary: counts, acceptance per filter, words before and after extension, training, LonGen."""
     lines = [f"run {config.name}: {len(results)} iteration(s), artifacts in {store_uri}/{config.name}"]
     for iteration, stages in results.items():
         lines.append(f"iteration {iteration}:")
         for stage, manifest in stages.items():
             counts = manifest.get("counts", {})
+            if stage.startswith("train-"):
+                loss = manifest.get("finalLoss")
+                lines.append(f"  {stage:<15} {manifest.get('steps', 0)} steps on {counts.get('accepted', 0)} "
+                             f"examples, loss {manifest.get('firstLoss') or 0:.3f} -> {loss or 0:.3f} "
+                             f"({manifest.get('mode')}, {manifest.get('trainSeconds', 0):.0f}s)")
+                continue
+            if stage == "evaluate" and manifest.get("enabled", True):
+                scores = manifest.get("scores", {})
+                by_type = ", ".join(f"{k} {v:.2f}" for k, v in (scores.get("byType") or {}).items() if v is not None)
+                lines.append(f"  {stage:<15} LonGen score {scores.get('overall') or 0:.3f} on "
+                             f"{counts.get('accepted', 0)} items ({by_type}); average words "
+                             f"{manifest.get('averageWords', 0)}")
+                continue
             requested, accepted = counts.get("requested", 0), counts.get("accepted", 0)
             rate = f"{accepted / requested:.0%}" if requested else "-"
             rejected = ", ".join(f"{k} {v}" for k, v in sorted(counts.get("rejected", {}).items())) or "none"
-            lines.append(f"  {stage:<13} {accepted}/{requested} accepted ({rate}); "
+            lines.append(f"  {stage:<15} {accepted}/{requested} accepted ({rate}); "
                          f"requests {counts.get('requests', 0)}; rejected tries: {rejected}")
         ext = stages.get("extend")
         if ext:

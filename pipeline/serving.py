@@ -42,6 +42,17 @@ def cpu_build() -> bool:
         return False
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
+
+
+def lora_rank_bucket(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that fits adapters of this rank."""
+    for allowed in LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank}: at most {LORA_RANKS[-1]} wanted (vLLM's largest --max-lora-rank)")
+
+
 def vllm_command(
     model: str,
     *,
@@ -89,6 +100,7 @@ class VLLMServer:
         startup_timeout: float = 300,
         extra_args: Sequence[str] = (),
         workdir: Path | None = None,
+        max_lora_rank: int = 16,
     ):
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}/v1"
@@ -98,7 +110,7 @@ class VLLMServer:
         self.log_path = self.workdir / f"vllm-{self.port}.log"
         self.command = vllm_command(
             model, port=self.port, served_names=served_names, lora_modules=lora_modules,
-            max_model_len=max_model_len, extra_args=extra_args,
+            max_model_len=max_model_len, extra_args=extra_args, max_lora_rank=lora_rank_bucket(max_lora_rank),
         )
         cache = self.workdir / "cache"
         self.env = {
@@ -147,6 +159,13 @@ class VLLMServer:
                         f"{self.log_tail()}"
                     )
                 time.sleep(0.5)
+
+    def gone(self) -> str | None:
+        """Why the server is not running (None while it runs)."""
+        if self.process is None:
+            return "server stopped"
+        code = self.process.poll()
+        return None if code is None else f"vLLM server exited with code {code}, log: {self.log_path}"
 
     def log_tail(self, lines: int = 30) -> str:
         try:

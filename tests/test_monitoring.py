@@ -82,8 +82,9 @@ def metric_names_in(expr: str) -> set[str]:
 
 @pytest.mark.vllm
 def test_dashboard_is_backed_by_real_series(prometheus, vllm_endpoint, tmp_path):
-    """A local run with a failed attempt, scraped with vLLM by a real Prometheus: every panel query runs without
-    error and every metric it reads has series; the values match the run's manifests."""
+    """A whole local iteration (data, training, evaluation on adapters) with a failed attempt first, scraped with
+    vLLM by a real Prometheus: every panel query runs without error and every metric it reads has series; the
+    values match the run's manifests."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     port = free_port()
@@ -100,21 +101,18 @@ def test_dashboard_is_backed_by_real_series(prometheus, vllm_endpoint, tmp_path)
             "extend": {"attempts": 1, "passes": 1, "maxRetries": 1, "maxTokens": 96},
             "filters": {"checkEnding": False, "checkMeta": False},
             "storage": {"uri": f"file://{tmp_path}", "shardSize": 4},
+            "training": {"maxSteps": 2, "cutoffTokens": 512},
+            "evaluate": {"items": 4, "maxTokens": 32},
+            "local": {"startupTimeoutSeconds": 600},
         })
         # A failed attempt first (respond before its input exists), as the failures panel needs one.
         ctx = StageContext(config=config, iteration=1, store=open_store(config.storage.uri), metrics=metrics)
         with pytest.raises(StageError):
             RunStatus(metrics, config).attempt("respond", lambda: run_stage("respond", ctx))
         results = run_local(config, progress=False, metrics=metrics)[1]
-        # Training and evaluation series, as the train and evaluate stages set them.
-        labels = {"run": "dash", "iteration": "1", "role": "generator"}
-        metrics.train_step.labels(**labels).set(4)
-        metrics.train_steps.labels(**labels).set(8)
-        metrics.train_loss.labels(**labels).set(2.5)
-        metrics.train_tokens_rate.labels(**labels).set(1000)
-        metrics.set_iteration("dash", "local", 1, {"train-generator": {"finalLoss": 2.25},
-                                                   "evaluate": {"scores": {"overall": 0.5, "about": 0.25}}})
-
+        # The last thing a run sets is its phase: once Prometheus has it, it has scraped everything else.
+        assert prom.wait_until(lambda: prom.query('selflengthen_run_phase{run="dash",phase="Succeeded"} == 1'),
+                               timeout=60)
         expected = results["extend"]["averageWords"]
         words = prom.wait_until(lambda: prom.query(
             'selflengthen_iteration_average_words{run="dash",kind="extended"}'), timeout=60)
@@ -136,5 +134,9 @@ def test_dashboard_is_backed_by_real_series(prometheus, vllm_endpoint, tmp_path)
         assert failures and failures[0]["metric"]["reason"] == "StageError"
         phase = prom.query('selflengthen_run_phase{run="dash"} == 1')
         assert [p["metric"]["phase"] for p in phase] == ["Succeeded"]
+        loss = prom.query('selflengthen_iteration_training_loss{run="dash",role="generator"}')
+        assert float(loss[0]["value"][1]) == pytest.approx(results["train-generator"]["finalLoss"])
+        score = prom.query('selflengthen_longen_score{run="dash",type="overall"}')
+        assert float(score[0]["value"][1]) == pytest.approx(results["evaluate"]["scores"]["overall"])
     finally:
         server.shutdown()

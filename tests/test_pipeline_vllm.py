@@ -152,7 +152,8 @@ def test_metrics_move_with_the_pipeline(vllm_endpoint, tmp_path):
 
     path = write_config(tmp_path / "run.yaml", "metrics", "http://unused",
                         storage={"uri": f"file://{tmp_path}/store", "shardSize": 4},
-                        filters={"checkEnding": False, "checkMeta": False})
+                        filters={"checkEnding": False, "checkMeta": False},
+                        training={"maxSteps": 2, "cutoffTokens": 512}, evaluate={"enabled": False})
     config = load_config(path)
     config = config.model_copy(update={"models": config.models.model_copy(update={"endpoint": vllm_endpoint})})
     registry = CollectorRegistry()
@@ -162,7 +163,8 @@ def test_metrics_move_with_the_pipeline(vllm_endpoint, tmp_path):
         got = registry.get_sample_value(name, labels)
         return 0.0 if got is None else got
 
-    for stage, manifest in results.items():
+    for stage in DATA_STAGES:
+        manifest = results[stage]
         labels = {"run": "metrics", "iteration": "1", "stage": stage}
         counts = manifest["counts"]
         assert value("selflengthen_stage_items_total", **labels, outcome="requested") == counts["requested"]
@@ -185,3 +187,9 @@ def test_metrics_move_with_the_pipeline(vllm_endpoint, tmp_path):
     assert value("selflengthen_generated_tokens_total", run="metrics", stage="respond") > 0
     assert value("selflengthen_inference_requests_total", run="metrics", stage="extend", result="ok") == \
         extend["counts"]["requests"]
+    train = results["train-generator"]
+    assert value("selflengthen_training_step", run="metrics", iteration="1", role="generator") == train["steps"]
+    assert value("selflengthen_training_loss", run="metrics", iteration="1", role="generator") == \
+        pytest.approx(train["finalLoss"])
+    assert value("selflengthen_iteration_training_loss", **run, iteration="1", role="extender") == \
+        pytest.approx(results["train-extender"]["finalLoss"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ STAGES: dict[str, str] = {
 log = logging.getLogger("selflengthen.stage")
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch, or a process launched alone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class StageError(RuntimeError):
     """A stage cannot run or complete; the message says why. Finished shards stay in the store."""
 
@@ -44,6 +50,7 @@ class StageContext:
     iteration: int
     store: Store
     endpoint: str | None = None  # OpenAI-compatible base URL for stages that generate
+    endpoint_gone: Callable[[], str | None] | None = None  # why a server we started has exited (None: running)
     api_key: str | None = field(default=None, repr=False)
     progress: Callable[[str, int, int], None] | None = None  # (stage, done, total)
     metrics: Metrics = field(default_factory=default_metrics, repr=False)
@@ -82,8 +89,9 @@ def run_stage(name: str, ctx: StageContext) -> dict:
             raise StageError(f"stage {name} needs stage {upstream} of iteration {ctx.iteration} to be done first")
     started = time.time()
     log.info("stage %s of iteration %d starting", name, ctx.iteration)
-    manifest = module.run(ctx)
-    manifest = artifacts.finish({**manifest, "durationSeconds": round(time.time() - started, 3)})
+    manifest = {**module.run(ctx), "durationSeconds": round(time.time() - started, 3)}
+    # Under torchrun every rank runs the stage; rank 0 alone marks it done (the trainer syncs ranks before).
+    manifest = artifacts.finish(manifest) if is_main_process() else manifest
     log.info("stage %s of iteration %d done: %s", name, ctx.iteration, manifest.get("counts"))
     rows = artifacts.read_outputs() if name in ("respond", "extend") else ()
     ctx.metrics.record_stage(ctx.config.name, ctx.iteration, name, manifest, rows)

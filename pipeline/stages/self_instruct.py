@@ -14,7 +14,7 @@ import re
 from .. import prompts
 from ..data import load_seed_instructions
 from ..text import count_words
-from . import StageContext
+from . import StageContext, StageError
 from .common import average, chunks, make_client, process_shards, tally
 
 NAME = "self-instruct"
@@ -27,10 +27,16 @@ def _normal(text: str) -> str:
 def load_pool(ctx: StageContext) -> dict[str, list[str]]:
     """Seeds plus the instructions accepted in earlier iterations and in finished shards of this one."""
     cfg = ctx.config
-    pool = {lang: [r["prompt"].strip() for r in load_seed_instructions(lang, cfg.self_instruct.seed_file)]
-            for lang in cfg.languages}
+    try:
+        pool = {lang: [r["prompt"].strip() for r in load_seed_instructions(lang, cfg.self_instruct.seed_file)]
+                for lang in cfg.languages}
+    except ValueError as err:  # a bad seed file: say which setting points at it
+        raise StageError(f"{NAME}: {err} (selfInstruct.seedFile)") from None
     for iteration in range(1, ctx.iteration + 1):
         art = ctx.artifacts(NAME, iteration)
+        if iteration < ctx.iteration and not art.done():  # outputs count only once their stage is done
+            raise StageError(f"{NAME} of iteration {ctx.iteration} needs {NAME} of iteration {iteration} to be done "
+                             f"first")
         rows = art.read_outputs() if iteration < ctx.iteration else (r for r in art.iter_work() if r.get("instruction"))
         for row in rows:
             pool.setdefault(row["language"], []).append(row["instruction"])
@@ -71,6 +77,9 @@ async def _run(ctx: StageContext) -> dict:
                 requests += 1
                 instruction = prompts.parse_instruction(gen.text)
                 words = count_words(instruction)
+                if not instruction.strip():
+                    reject("empty")
+                    continue
                 if not si.min_words < words < si.max_words:
                     reject("length")
                     continue

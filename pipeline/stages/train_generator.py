@@ -1,0 +1,13 @@
+"""Stage train-generator: fine-tune the Generator of this iteration (see stages/train.py and training.py)."""
+
+from __future__ import annotations
+
+from . import StageContext
+from .train import REQUIRES, run_role
+
+NAME = "train-generator"
+__all__ = ["NAME", "REQUIRES", "run"]
+
+
+def run(ctx: StageContext) -> dict:
+    return run_role(ctx, "generator")
