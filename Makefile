@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= cpu,train,dev
+EXTRAS ?= cpu,train,operator,dev
 CONFIG ?= examples/local-tiny.yaml
 # The top-level operator/ directory would shadow the standard library's `operator` for any `python -m`
 # started here (cwd goes first on sys.path); safe-path mode keeps cwd off sys.path.

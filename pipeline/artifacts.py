@@ -16,14 +16,29 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 
+from .config import NAME_PATTERN
 from .store import AlreadyExists, Store, dumps_jsonl, read_json, read_jsonl, write_json
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
 _PART = re.compile(r"part-(\d{5,})\.jsonl")
+_ITERATION = re.compile(r"iter-\d+")
+
+
+def check_run_name(run: str) -> str:
+    """A run's name is one path segment under the store root (a DNS label, as the configuration wants). Names of
+    the form iter-NN are refused: a run of that name in a store nested inside another run's tree (storage.uri
+    s3://B/P/other-run) would write into that run's iteration NN."""
+    if not isinstance(run, str) or not re.fullmatch(NAME_PATTERN, run) or len(run) > 63:
+        raise ValueError(f"run name {run!r}: a DNS label wanted (lowercase letters, digits and '-', at most 63): "
+                         f"it is the run's prefix in the store")
+    if _ITERATION.fullmatch(run):
+        raise ValueError(f"run name {run!r}: names of the form iter-NN are reserved for iteration prefixes")
+    return run
 
 
 def iteration_prefix(run: str, iteration: int) -> str:
+    check_run_name(run)
     if iteration < 1:
         raise ValueError(f"iteration {iteration}: 1 or more wanted")
     return f"{run}/iter-{iteration:02d}"
@@ -68,10 +83,13 @@ class StageArtifacts:
         return self.key(f"work/{part_name(index)}")
 
     def work_done(self) -> set[int]:
-        return {int(m.group(1)) for k in self.store.list(self.key("work")) if (m := _PART.fullmatch(k.rsplit("/", 1)[-1]))}
+        names = (k.rsplit("/", 1)[-1] for k in self.store.list(self.key("work")))
+        return {int(m.group(1)) for name in names if (m := _PART.fullmatch(name))}
 
     def write_work(self, index: int, rows: Iterable[dict]) -> bool:
-        """Write a finished work shard once; False when another writer finished it first (its copy stands)."""
+        """Write a finished work shard once; False when another writer finished it first (its copy stands).
+        Exactly one of several writers gets True, also when the reply to its write was lost and the write retried
+        (see S3Store.write)."""
         try:
             self.store.write(self.work_key(index), dumps_jsonl(rows), if_absent=True)
             return True

@@ -108,7 +108,10 @@ class Client(Model):
 
     concurrency: int = Field(32, ge=1, le=4096, description="Requests in flight at most")
     request_timeout_seconds: float = Field(900, gt=0, description="Per-request timeout")
-    max_attempts: int = Field(8, ge=1, le=100, description="Attempts per request on 429/5xx/timeouts (refused connections: until the deadline)")
+    max_attempts: int = Field(
+        8, ge=1, le=100,
+        description="Attempts per request on 429/5xx/timeouts (refused connections: until the deadline)",
+    )
     backoff_seconds: float = Field(0.5, gt=0, description="First retry delay; doubles each attempt, with jitter")
     max_backoff_seconds: float = Field(30, gt=0)
     deadline_seconds: float = Field(300, gt=0, description="Fail when the server stays unreachable this long")

@@ -226,12 +226,13 @@ class InferenceClient:
         self._down_since: float | None = None
         self._empty_streak = 0  # completions in a row without text (see EmptyReplies)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        cfg = self.config
         self._http = httpx.AsyncClient(
             base_url=self.endpoint,
             headers=headers,
-            timeout=httpx.Timeout(self.config.request_timeout_seconds, connect=min(10.0, self.config.request_timeout_seconds)),
-            limits=httpx.Limits(max_connections=self.config.concurrency, max_keepalive_connections=self.config.concurrency),
-            transport=transport if transport is not None else _default_transport(self.endpoint, self.config.concurrency),
+            timeout=httpx.Timeout(cfg.request_timeout_seconds, connect=min(10.0, cfg.request_timeout_seconds)),
+            limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
+            transport=transport if transport is not None else _default_transport(self.endpoint, cfg.concurrency),
         )
 
     async def __aenter__(self) -> InferenceClient:
@@ -355,7 +356,7 @@ class InferenceClient:
                         gone = self._alive()
                         if gone:
                             self._observe("failed", 1)
-                            raise ServerGone(self.endpoint, gone, last_error)
+                            raise ServerGone(self.endpoint, gone, last_error) from err
                     else:
                         attempt += 1
                         if response.status_code < 400:

@@ -88,7 +88,7 @@ class Metrics:
                                          "finished stage", [*run, "iteration", "stage"], registry=registry)
         self.iteration_loss = Gauge("selflengthen_iteration_training_loss", "Final training loss", [*run, "iteration",
                                     "role"], registry=registry)
-        # -- orchestrators (operator or local runner) ------------------------------------------------------------------------------------------------
+        # -- orchestrators (operator or local runner) ---------------------------------------------------------
         self.stage_attempts = Counter("selflengthen_stage_attempts_total", "Stage attempts started (a Job, a "
                                       "server or a local call)", [*run, "stage"], registry=registry)
         self.stage_failures = Counter("selflengthen_stage_failures_total", "Failed stage attempts by reason",
@@ -185,9 +185,10 @@ class Metrics:
     def forget_run(self, run: str, namespace: str) -> None:
         """Drop a deleted run's series so that they do not linger."""
         self._last_stage.pop((run, namespace), None)
-        for metric in (self.run_phase, self.run_stage_started, self.run_iteration, self.run_iterations, self.run_stage, self.iteration_words,
-                       self.iteration_accepted, self.iteration_requested, self.iteration_loss, self.longen_score):
-            for labels in [dict(zip(metric._labelnames, values)) for values in list(metric._metrics)]:
+        for metric in (self.run_phase, self.run_stage_started, self.run_iteration, self.run_iterations, self.run_stage,
+                       self.iteration_words, self.iteration_accepted, self.iteration_requested, self.iteration_loss,
+                       self.longen_score):
+            for labels in [dict(zip(metric._labelnames, values, strict=True)) for values in list(metric._metrics)]:
                 if labels.get("run") == run and labels.get("namespace") == namespace:
                     metric.remove(*labels.values())
 

@@ -7,6 +7,7 @@ a subprocess (the local stand-in for the operator's inference Deployment) and st
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -171,7 +172,7 @@ def run_local(
                 else:
                     endpoints.stop()  # training needs the memory (the GPUs, on a cluster)
                 status.phase(phase_of(stage), iteration, stage)
-                results[iteration][stage] = status.attempt(stage, lambda: run_stage(stage, ctx))
+                results[iteration][stage] = status.attempt(stage, functools.partial(run_stage, stage, ctx))
                 status.iteration(iteration, results[iteration])
         status.phase("Succeeded", config.iterations, None)
     except BaseException:

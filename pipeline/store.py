@@ -8,12 +8,17 @@ that: a shard exists only when complete, and a stage is done when its `_SUCCESS`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
+
+log = logging.getLogger("selflengthen.store")
 
 
 class AlreadyExists(Exception):
@@ -102,12 +107,27 @@ class LocalStore:
 class S3Store:
     """S3 through boto3; credentials and region come from the environment (never from configuration)."""
 
+    # The metadata entry naming the writer of a conditional write (see write).
+    WRITER_METADATA = "selflengthen-writer"
+    # Whole-request retries botocore does not do: a GET body cut off after its headers arrived, and a conditional
+    # PUT answered 409 ConditionalRequestConflict (another conditional write of the key was in flight: nothing
+    # was decided, S3 asks to retry).
+    READ_ATTEMPTS = 5
+    CONFLICT_ATTEMPTS = 5
+    RETRY_DELAY_SECONDS = 0.1
+
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, client=None):
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        if self.prefix:
+            # the run's keys must stay under exactly this prefix: no empty, '.' or '..' segments
+            try:
+                _check_key(self.prefix)
+            except ValueError:
+                raise ValueError(f"invalid S3 prefix {prefix!r}: no empty, '.' or '..' segments wanted") from None
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         # Standard retry mode: throttles, 5xx and dropped connections are retried with backoff.
         self.client = client or boto3.client(
@@ -120,21 +140,67 @@ class S3Store:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _pause(self, attempt: int) -> None:
+        time.sleep(min(self.RETRY_DELAY_SECONDS * 2 ** (attempt - 1), 5.0))
+
     def read(self, key: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except self.client.exceptions.NoSuchKey:
-            raise KeyError(key) from None
+        from botocore.exceptions import (
+            FlexibleChecksumError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
+
+        full = self._key(key)
+        for attempt in range(1, self.READ_ATTEMPTS + 1):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                raise KeyError(key) from None
+            # botocore retries a request until its headers arrive; a body cut short (or corrupted) after that
+            # reaches us: read the object again.
+            except (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, FlexibleChecksumError) as err:
+                if attempt == self.READ_ATTEMPTS:
+                    raise
+                log.warning("reading s3://%s/%s failed (%s); retrying", self.bucket, full, type(err).__name__)
+                self._pause(attempt)
+        raise AssertionError("unreachable")
 
     def write(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        full = self._key(key)
+        if not if_absent:
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
+            return
+        # The object carries a token naming this write. When the reply to the PUT that created it is lost (a dropped
+        # connection, a 5xx after the write), botocore sends the PUT again and S3 answers 412 to our own object:
+        # the token tells that from another writer's object, so exactly one writer is told it won.
+        token = uuid.uuid4().hex
+        for attempt in range(1, self.CONFLICT_ATTEMPTS + 1):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*",
+                                       Metadata={self.WRITER_METADATA: token})
+                return
+            except self.client.exceptions.ClientError as err:
+                code = err.response.get("Error", {}).get("Code")
+                if code == "PreconditionFailed":
+                    if self._writer(full) == token:
+                        log.info("conditional write of s3://%s/%s: an earlier try of ours succeeded", self.bucket, full)
+                        return
+                    raise AlreadyExists(key) from None
+                if code != "ConditionalRequestConflict" or attempt == self.CONFLICT_ATTEMPTS:
+                    raise
+                log.warning("conditional write of s3://%s/%s met a concurrent one (409); retrying", self.bucket, full)
+                self._pause(attempt)
+
+    def _writer(self, full_key: str) -> str | None:
+        """The writer token of an object (None when it has none, or is gone)."""
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+            head = self.client.head_object(Bucket=self.bucket, Key=full_key)
         except self.client.exceptions.ClientError as err:
-            code = err.response.get("Error", {}).get("Code")
-            if if_absent and code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise AlreadyExists(key) from None
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
             raise
+        return (head.get("Metadata") or {}).get(self.WRITER_METADATA)
 
     def exists(self, key: str) -> bool:
         try:

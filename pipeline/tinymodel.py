@@ -87,7 +87,8 @@ def _conversations(rng: random.Random, texts: list[str], n: int) -> list[list[di
             convs.append(messages)
         else:
             user = prompts.render(lang, "judge", instruction=instruction)
-            convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": "yes" if lang == "en" else "是"}])
+            answer = "yes" if lang == "en" else "是"
+            convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
     return convs
 
 
@@ -108,7 +109,7 @@ def build_tiny_model(out_dir: Path, spec: TinySpec = TinySpec()) -> Path:
     )
     bpe.train_from_iterator(texts * 2, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,  # noqa: S106 - tokens
         model_max_length=spec.max_positions,
     )
     tokenizer.chat_template = CHATML

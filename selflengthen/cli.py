@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--endpoint", help="OpenAI-compatible server for generating stages")
     stage.add_argument("--storage", help="override storage.uri")
     stage.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
-    stage.add_argument("--metrics-addr", default="0.0.0.0", help="address for --metrics-port (a Job pod's IP)")
+    # A Job's pod serves its metrics to Prometheus on the pod IP: all interfaces, on purpose.
+    stage.add_argument("--metrics-addr", default="0.0.0.0",  # noqa: S104
+                       help="address for --metrics-port (a Job pod's IP)")
     stage.set_defaults(func=cmd_stage)
 
     validate = sub.add_parser("validate", help="check a run configuration")
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="regenerate the chart's dashboard and rules (for developers)")
     generate.add_argument("--root", default=".", help="repository root")
     generate.set_defaults(func=cmd_generate)
+    sub.add_parser("operator", help="the Kubernetes operator and its offline tools: `selflengthen operator --help`")
     return parser
 
 
@@ -125,6 +128,11 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:  # its own parser (kopf's logging, no SIGTERM override): see operator/cli.py
+        from .operator.cli import main as operator_main
+
+        return operator_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -20,7 +20,7 @@ def _read_jsonl(text: str, source: str, field: str) -> list[dict]:
             raise ValueError(f"{source} line {number}: an object with a non-empty string {field!r} wanted")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{source}: no rows")
+        raise ValueError(f"{source}: empty (no JSON lines with a {field!r})")
     return rows
 
 
@@ -28,9 +28,14 @@ def load_seed_instructions(lang: str, path: str | None = None) -> list[dict]:
     """Seed instructions ({"prompt": ...}) from a user file or the packaged ones for the language."""
     if path:
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"seed file {path}: not UTF-8 text") from None
+            raw = Path(path).read_bytes()
+        except OSError as err:
+            raise ValueError(f"seed file {path}: cannot be read ({err.strerror or err})") from None
+        try:
+            text = raw.decode("utf-8-sig")  # a leading byte-order mark (some editors write one) is no error
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise ValueError(f"seed file {path} line {line}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
         return _read_jsonl(text, f"seed file {path}", "prompt")
     name = f"seed_instructions_{lang}.jsonl"
     return _read_jsonl(files(__package__).joinpath(name).read_text(encoding="utf-8"), name, "prompt")

@@ -51,45 +51,81 @@ async def process_shards(
     before_shard: Callable[[int], None] | None = None,
 ) -> None:
     """Run `handle` on every item of every input shard not yet done; write each work shard when all of its
-    items are done. Shards already in the store are skipped (resume). Shards run concurrently, a bounded number
-    at a time so that memory stays flat however many items there are. A fatal inference error stops the stage
-    (finished shards stay)."""
+    items are done. Shards already in the store are skipped (resume). Shards run concurrently: the next one starts
+    whenever fewer than twice the client's concurrency items are in flight, so a shard waiting on a few slow items
+    does not starve the server, and at most a bounded number are open, so memory stays flat however many items
+    there are. A fatal inference error stops the stage (finished shards stay)."""
     done_shards = artifacts.work_done()
-    window = max(2, -(-2 * ctx.config.client.concurrency // ctx.config.storage.shard_size))
-    slots = asyncio.Semaphore(window)
+    shard_size = ctx.config.storage.shard_size
+    target = 2 * ctx.config.client.concurrency  # items in flight wanted
+    max_open = 4 * max(2, -(-target // shard_size))  # shards open at most (finished rows wait for their shard)
     finished = 0
+    in_flight = 0  # items started and not finished, over the open shards
+    open_shards = 0
+    changed = asyncio.Event()  # an item or a shard finished: the loop may start the next shard
 
     async def one_shard(index: int, items: list[dict]) -> None:
-        nonlocal finished
+        nonlocal finished, in_flight, open_shards
+        pending = len(items)
+
+        async def one_item(item: dict) -> list[dict]:
+            nonlocal in_flight, pending
+            try:
+                return await handle(item)
+            finally:
+                in_flight -= 1
+                pending -= 1
+                changed.set()
+
         try:
             if before_shard:
                 before_shard(index)
-            results = await asyncio.gather(*(handle(item) for item in items))
+            results = await asyncio.gather(*(one_item(item) for item in items))
             artifacts.write_work(index, [row for rows in results for row in rows])
             finished += len(items)
             ctx.tick(artifacts.stage, finished, total)
         finally:
-            slots.release()
+            in_flight -= pending  # items never started (before_shard failed)
+            open_shards -= 1
+            changed.set()
 
-    tasks: list[asyncio.Task] = []
+    # Shards in flight only: a finished one leaves the set (its error, if any, is kept), so starting a shard costs
+    # O(1) instead of a scan of every shard started so far (O(shards^2) over a stage of millions of items).
+    tasks: set[asyncio.Task] = set()
+    errors: list[BaseException] = []
+
+    def settle(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            errors.append(task.exception())
+            changed.set()
+
     try:
         for index, items in enumerate(shards):
             if index in done_shards:
                 finished += len(items)
                 continue
-            await slots.acquire()
-            failed = [t for t in tasks if t.done() and t.exception()]
-            if failed:
-                raise failed[0].exception()
-            tasks.append(asyncio.create_task(one_shard(index, items)))
+            while (in_flight >= target or open_shards >= max_open) and not errors:
+                changed.clear()
+                await changed.wait()
+            if errors:
+                raise errors[0]
+            in_flight += len(items)
+            open_shards += 1
+            task = asyncio.create_task(one_shard(index, items))
+            tasks.add(task)
+            task.add_done_callback(settle)
         ctx.tick(artifacts.stage, finished, total)
-        await asyncio.gather(*tasks)
+        if not errors:
+            await asyncio.gather(*tasks)
+        if errors:
+            raise errors[0]
     except InferenceError as err:
         raise StageError(f"stage {artifacts.stage} of iteration {ctx.iteration} stopped: {err}") from err
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*list(tasks), return_exceptions=True)
 
 
 def finalize_with_drop_short(
