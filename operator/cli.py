@@ -1,0 +1,134 @@
+"""`selflengthen operator ...` (also `python -m selflengthen.operator ...`).
+
+    selflengthen operator run [-n NS ...|-A] [--liveness URL] [--peering NAME|--standalone] [--log-format json]
+    selflengthen operator crd [--write|--check]        the CustomResourceDefinition (crds/selflengthenrun.yaml)
+    selflengthen operator validate run.yaml ...        admission checks of the CRD (schema + CEL), offline
+    selflengthen operator manifests --image IMAGE      CRD, RBAC and the operator's Deployment, for kubectl apply
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .handlers import run_operator
+
+    if args.all_namespaces and args.namespace:
+        print("error: --namespace and --all-namespaces exclude each other", file=sys.stderr)
+        return 2
+    run_operator(namespaces=args.namespace or [], clusterwide=args.all_namespaces, liveness=args.liveness,
+                 peering=args.peering, standalone=args.standalone, priority=args.priority,
+                 log_format=args.log_format, verbose=args.verbose, poll_seconds=args.poll_seconds)
+    return 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from . import crd
+
+    if args.write:
+        print(f"wrote {crd.write()}")
+        return 0
+    if args.check:
+        current = crd.CRD_PATH.read_text(encoding="utf-8") if crd.CRD_PATH.exists() else ""
+        if current != crd.render():
+            print(f"{crd.CRD_PATH} is out of date: run `python -m selflengthen.operator crd --write`",
+                  file=sys.stderr)
+            return 1
+        print(f"{crd.CRD_PATH} is up to date")
+        return 0
+    sys.stdout.write(crd.render())
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .spec import parse_spec
+    from .validation import validate
+
+    from ..pipeline.config import ConfigError
+
+    bad = 0
+    for path in args.files:
+        with open(path, encoding="utf-8") as f:
+            docs = [d for d in yaml.safe_load_all(f) if d]
+        for doc in docs:
+            if doc.get("kind") != "SelfLengthenRun":
+                continue
+            name = doc.get("metadata", {}).get("name", "?")
+            errors = validate(doc)
+            if not errors:
+                try:
+                    parse_spec(name, doc.get("spec") or {})
+                except ConfigError as err:
+                    errors = str(err).splitlines()[1:]
+            if errors:
+                bad += 1
+                print(f"{path}: SelfLengthenRun {name} is refused:")
+                for e in errors:
+                    print(f"  {e.strip()}")
+            else:
+                print(f"{path}: SelfLengthenRun {name} is valid")
+    return 1 if bad else 0
+
+
+def cmd_manifests(args: argparse.Namespace) -> int:
+    from .deploy import manifests
+
+    docs = manifests(image=args.image, namespace=args.namespace, watch_namespaces=args.watch_namespace or [],
+                     replicas=args.replicas)
+    sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False, width=120))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selflengthen operator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator (kopf)")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", help="namespace to serve (repeatable; globs allowed)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve the whole cluster")
+    run.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                     help="liveness endpoint URL (empty: none); default %(default)s")
+    peering = run.add_mutually_exclusive_group()
+    peering.add_argument("--peering", help="KopfPeering object name: replicas pause unless they have the highest "
+                         "priority, so two never act at once (default: 'default' when it exists)")
+    peering.add_argument("--standalone", action="store_true", help="no peering (exactly one replica!)")
+    run.add_argument("--priority", type=int, help="peering priority (default: random, so replicas differ)")
+    run.add_argument("--log-format", choices=["json", "plain", "full"], default="json")
+    run.add_argument("--poll-seconds", type=float, default=30.0,
+                     help="reconcile each run at least this often (changes of children wake it at once)")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    crd = sub.add_parser("crd", help="print, write or check the CustomResourceDefinition")
+    group = crd.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true", help="regenerate crds/selflengthenrun.yaml")
+    group.add_argument("--check", action="store_true", help="fail when crds/selflengthenrun.yaml is out of date")
+    crd.set_defaults(func=cmd_crd)
+
+    validate = sub.add_parser("validate", help="check SelfLengthenRun manifests as the API server would")
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(func=cmd_validate)
+
+    manifests = sub.add_parser("manifests", help="print CRD + RBAC + operator Deployment")
+    manifests.add_argument("--image", required=True, help="the selflengthen image (it contains the operator)")
+    manifests.add_argument("--namespace", default="selflengthen-system", help="where the operator runs")
+    manifests.add_argument("--watch-namespace", action="append",
+                           help="serve only these namespaces (default: the whole cluster)")
+    manifests.add_argument("--replicas", type=int, default=2, help="operator replicas (peering keeps one active)")
+    manifests.set_defaults(func=cmd_manifests)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

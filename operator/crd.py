@@ -1,0 +1,407 @@
+"""The SelfLengthenRun CustomResourceDefinition, generated from the pydantic models.
+
+    python -m selflengthen.operator crd --write     # regenerate crds/selflengthenrun.yaml
+
+The spec schema is RunConfig's JSON schema (the same model the local runner reads) turned into a structural
+OpenAPI v3 schema (references inlined, `anyOf null` dropped, pydantic's numeric keywords translated, defaults kept
+so the API server fills them in), merged with the cluster-only models of operator/spec.py. Rules JSON Schema cannot
+say (cross-field checks, fields that may not change once the run has started) are CEL `x-kubernetes-validations`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from ..pipeline.config import RunConfig
+from .spec import (
+    ALL_STAGES,
+    EXCLUDED_CONFIG_FIELDS,
+    MAX_RUN_NAME,
+    RESERVED_VLLM_FLAGS,
+    SERVING,
+    ClusterSpec,
+    merged_sections,
+)
+
+GROUP = "selflengthen.io"
+VERSION = "v1alpha1"
+KIND = "SelfLengthenRun"
+PLURAL = "selflengthenruns"
+SINGULAR = "selflengthenrun"
+SHORT_NAMES = ["slr"]
+CRD_NAME = f"{PLURAL}.{GROUP}"
+API_VERSION = f"{GROUP}/{VERSION}"
+CRD_PATH = Path(__file__).resolve().parent.parent / "crds" / "selflengthenrun.yaml"
+
+_DROP = {"title", "$defs", "examples"}
+_CEL_TYPES = {"string": "string", "array": "list", "integer": "int", "number": "double", "boolean": "bool",
+              "object": "map"}
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON schema (pydantic, draft 2020-12) -> structural OpenAPI v3 schema (Kubernetes CRD)
+
+
+def _camel_path(path: str) -> list[str]:
+    from pydantic.alias_generators import to_camel
+
+    return [to_camel(p) for p in path.split(".")]
+
+
+def openapi_schema(model: type[BaseModel], *, exclude: tuple[str, ...] = ()) -> dict:
+    """A structural OpenAPI v3 schema for a pydantic model (by alias), minus the dotted snake_case paths."""
+    source = model.model_json_schema(by_alias=True)
+    defs = source.get("$defs", {})
+    schema = _convert(source, defs)
+    for path in exclude:
+        *parents, leaf = _camel_path(path)
+        node = schema
+        for p in parents:
+            node = node["properties"][p]
+        node["properties"].pop(leaf, None)
+        if leaf in node.get("required", []):
+            node["required"].remove(leaf)
+            if not node["required"]:
+                node.pop("required")
+    _fill_factory_defaults(schema, model)
+    return schema
+
+
+def _convert(node: Any, defs: dict) -> Any:
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").split("/")[-1]]
+        merged = {**target, **node}  # a description beside the $ref wins
+        return _convert(merged, defs)
+    if "allOf" in node and len(node["allOf"]) == 1:
+        inner = node.pop("allOf")[0]
+        return _convert({**_convert(inner, defs), **node}, defs)
+    if "anyOf" in node:
+        variants = [v for v in node["anyOf"] if v.get("type") != "null"]
+        nullable = len(variants) < len(node["anyOf"])
+        rest = {k: v for k, v in node.items() if k != "anyOf"}
+        if nullable and rest.get("default", "absent") is None:
+            rest.pop("default")
+        if len(variants) == 1:
+            return _convert({**_convert(variants[0], defs), **rest}, defs)
+        types = {v.get("type") for v in variants}
+        if types == {"integer", "string"}:  # a Kubernetes quantity or port: int-or-string
+            out = {k: v for k, v in _convert(rest, defs).items()}
+            string = next(v for v in variants if v.get("type") == "string")
+            for key in ("pattern", "maxLength"):
+                if key in string:
+                    out[key] = string[key]
+            out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+            out["x-kubernetes-int-or-string"] = True
+            return out
+        # Any other union: structural schemas cannot type it; keep the value and check its type with CEL.
+        out = _convert(rest, defs)
+        cel_types = [_CEL_TYPES[t] for t in sorted(types)]
+        out["x-kubernetes-preserve-unknown-fields"] = True
+        out["x-kubernetes-validations"] = [_rule(
+            " || ".join(f"type(self) == {t}" for t in cel_types),
+            "must be one of: " + ", ".join(sorted(types)))]
+        return out
+    out: dict = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "additionalProperties":
+            if value is False or value is True:
+                continue  # unknown fields are pruned (and refused by strict field validation) on the server
+            out[key] = _convert(value, defs)
+        elif key == "properties":
+            out[key] = {name: _convert(sub, defs) for name, sub in value.items()}
+        elif key == "items":
+            out[key] = _convert(value, defs)
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            bound = "minimum" if key == "exclusiveMinimum" else "maximum"
+            out[bound] = value
+            out[key] = True
+        elif key == "const":
+            out["enum"] = [value]
+        elif key == "patternProperties":  # a map with constrained keys: values typed, keys checked by CEL
+            ((pattern, sub),) = value.items()
+            out["additionalProperties"] = _convert(sub, defs)
+            out.setdefault("x-kubernetes-validations", []).append(
+                _rule(f"self.all(k, k.matches('{pattern}'))", f"keys must match {pattern}"))
+        elif key == "propertyNames":
+            continue  # not in OpenAPI v3 (map keys are checked with CEL where it matters)
+        else:
+            out[key] = value
+    if "enum" in out and "type" not in out:
+        out["type"] = "string" if all(isinstance(v, str) for v in out["enum"]) else "integer"
+    if "properties" in out and "type" not in out:
+        out["type"] = "object"
+    return out
+
+
+def _fill_factory_defaults(schema: dict, model: type[BaseModel]) -> None:
+    """Defaults pydantic leaves out of the schema (default_factory): {} for nested models, non-empty lists."""
+    for name, field in model.model_fields.items():
+        prop = schema.get("properties", {}).get(field.alias or name)
+        if prop is None or "default" in prop or field.is_required() or field.default_factory is None:
+            continue
+        value = field.default_factory()  # type: ignore[call-arg]
+        if isinstance(value, BaseModel):
+            prop["default"] = {}
+            _fill_factory_defaults(prop, type(value))
+        elif isinstance(value, list) and value:
+            prop["default"] = value
+    # nested models reached through a default value
+    for name, field in model.model_fields.items():
+        prop = schema.get("properties", {}).get(field.alias or name)
+        annotation = field.annotation
+        if prop and isinstance(annotation, type) and issubclass(annotation, BaseModel) and "default" in prop:
+            _fill_factory_defaults(prop, annotation)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The spec: run configuration + cluster sections + CEL rules
+
+IMMUTABLE = "is immutable once the run has started: create a new SelfLengthenRun instead"
+# Fields of the run configuration that may not change once the run exists (the artifacts already made depend on
+# them); everything else (iterations excepted: it may only grow) may be tuned on a running run.
+IMMUTABLE_FIELDS = ("models", "languages", "seed", "sampling", "selfInstruct", "respond", "extend", "filters")
+
+
+def _rule(rule: str, message: str, **extra: str) -> dict:
+    return {"rule": rule, "message": message, **extra}
+
+
+def _add_rules(node: dict, *rules: dict) -> None:
+    node.setdefault("x-kubernetes-validations", []).extend(rules)
+
+
+def spec_schema() -> dict:
+    config = openapi_schema(RunConfig, exclude=EXCLUDED_CONFIG_FIELDS)
+    cluster = openapi_schema(ClusterSpec)
+    props = config["properties"]
+    for key, sub in cluster["properties"].items():
+        if key in merged_sections():
+            target = props[key]
+            clash = set(target["properties"]) & set(sub["properties"])
+            if clash:
+                raise ValueError(f"spec.{key}: cluster fields {sorted(clash)} clash with the run configuration")
+            target["properties"].update(sub["properties"])
+            target["description"] = " ".join(filter(None, [target.get("description"), sub.get("description")]))
+        else:
+            props[key] = sub
+    schema = {
+        "type": "object",
+        "description": "A Self-Lengthen run: the run configuration (as in the local runner's YAML) plus where and "
+        "how it runs on the cluster.",
+        "required": sorted({*cluster.get("required", []), "storage"}),
+        "properties": props,
+    }
+
+    # storage: S3 only on a cluster, no file:// default.
+    storage = props["storage"]
+    storage.pop("default", None)
+    storage["required"] = ["uri"]
+    uri = storage["properties"]["uri"]
+    uri.pop("default", None)
+    uri["maxLength"] = 1024
+    _add_rules(
+        uri,
+        _rule("self.startsWith('s3://')", "must be s3://BUCKET[/PREFIX]: pods share no disk, artifacts go to S3"),
+        _rule("!self.startsWith('s3://') || self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$')",
+              "must be s3://BUCKET[/PREFIX] with a valid bucket name"),
+        _rule("!self.contains('/../') && !self.endsWith('/..')", "must not contain '..' segments"),
+        _rule("self == oldSelf", IMMUTABLE),
+    )
+    props["languages"]["x-kubernetes-list-type"] = "set"
+    # The model has no sensible default on a cluster (the local default is the tiny laptop model).
+    models = props["models"]
+    models.pop("default", None)
+    models["properties"]["base"].pop("default", None)
+    models["required"] = ["base"]
+    schema["required"] = sorted({*schema["required"], "models"})
+
+    for key in IMMUTABLE_FIELDS:
+        _add_rules(props[key], _rule("self == oldSelf", IMMUTABLE))
+    _add_rules(props["iterations"], _rule("self >= oldSelf", "may only grow once the run has started"))
+    _add_rules(props["training"]["properties"]["mode"], _rule("self == oldSelf", IMMUTABLE))
+    _add_rules(props["training"]["properties"]["lora"], _rule("self == oldSelf", IMMUTABLE))
+
+    si = props["selfInstruct"]
+    _add_rules(si, _rule("self.minWords < self.maxWords - 1",
+                         "minWords must be at least 2 below maxWords (both bounds are exclusive)",
+                         fieldPath=".minWords"))
+    _add_rules(props["models"]["properties"]["base"], _rule(
+        "!self.startsWith('tiny://')", "tiny:// models exist on a laptop only: name a real model (e.g. "
+        "Qwen/Qwen2-7B-Instruct)"))
+
+    for section in ("inference", "training"):
+        res = props[section]
+        _add_rules(res, _rule(
+            "(!has(self.resources.requests) || !(self.gpuResource in self.resources.requests)) && "
+            "(!has(self.resources.limits) || !(self.gpuResource in self.resources.limits))",
+            "resources must not set the GPU resource: GPUs follow from "
+            + ("tensorParallelSize" if section == "inference" else "processesPerNode"),
+            fieldPath=".resources"))
+    flags = "[" + ", ".join(f"'{f}'" for f in RESERVED_VLLM_FLAGS) + "]"
+    _add_rules(props["inference"]["properties"]["extraArgs"], _rule(
+        f"self.all(a, !({flags}.exists(f, a == f || a.startsWith(f + '='))))",
+        "must not repeat flags the operator sets (" + ", ".join(RESERVED_VLLM_FLAGS) + ")"))
+    stages = "[" + ", ".join(f"'{s}'" for s in (SERVING, *ALL_STAGES)) + "]"
+    _add_rules(props["retry"]["properties"]["stages"], _rule(
+        f"self.all(k, k in {stages})", "keys must be stage names: " + ", ".join((SERVING, *ALL_STAGES))))
+    _add_rules(props["retry"], _rule(
+        "self.maxBackoffSeconds >= self.backoffSeconds", "maxBackoffSeconds must not be below backoffSeconds",
+        fieldPath=".maxBackoffSeconds"))
+    tol = props["scheduling"]["properties"]["tolerations"]["items"]
+    _add_rules(tol, _rule("self.operator != 'Exists' || !has(self.value)",
+                          "a toleration with operator Exists must not have a value"),
+               _rule("has(self.key) || self.operator == 'Exists'",
+                     "a toleration without a key must use operator Exists"))
+    _add_rules(schema, _rule(
+        "self.training.mode != 'full' || self.iterations == 1",
+        "training.mode full supports iterations: 1 only (one vLLM server cannot serve two different full models "
+        "to the pipeline); use lora for several macro-iterations", fieldPath=".training.mode"))
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The status (written by the operator only)
+
+_CONDITION = {
+    "type": "object",
+    "required": ["type", "status"],
+    "properties": {
+        "type": {"type": "string"},
+        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "reason": {"type": "string"},
+        "message": {"type": "string"},
+        "lastTransitionTime": {"type": "string", "format": "date-time"},
+        "observedGeneration": {"type": "integer"},
+    },
+}
+_STAGE_RECORD = {
+    "type": "object",
+    "properties": {
+        "state": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed", "Skipped"]},
+        "attempts": {"type": "integer"},
+        "startedAt": {"type": "string", "format": "date-time"},
+        "finishedAt": {"type": "string", "format": "date-time"},
+        "durationSeconds": {"type": "number"},
+        "child": {"type": "string", "description": "Job or Deployment of the latest attempt"},
+        "failures": {"type": "array", "items": {
+            "type": "object",
+            "properties": {"attempt": {"type": "integer"}, "reason": {"type": "string"},
+                           "message": {"type": "string"}, "time": {"type": "string", "format": "date-time"}},
+        }},
+        "counts": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "averageWords": {"type": "number"},
+        "trainLoss": {"type": "number"},
+        "score": {"type": "number"},
+        "artifactUri": {"type": "string"},
+    },
+}
+STATUS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "phase": {"type": "string", "enum": ["Pending", "Serving", "Generating", "ScalingDown", "Training",
+                                              "Evaluating", "Suspended", "Succeeded", "Failed"]},
+        "currentIteration": {"type": "integer"},
+        "iterations": {"type": "integer", "description": "spec.iterations as last seen"},
+        "progress": {"type": "string", "description": "k/N for kubectl get"},
+        "stage": {"type": "string"},
+        "averageWords": {"type": "integer", "description": "Average words of the latest extended responses"},
+        "observedGeneration": {"type": "integer"},
+        "startedAt": {"type": "string", "format": "date-time"},
+        "finishedAt": {"type": "string", "format": "date-time"},
+        "nextAttemptAt": {"type": "string", "format": "date-time"},
+        "endpoint": {"type": "string", "description": "The inference Service the data stages use"},
+        "conditions": {"type": "array", "items": _CONDITION, "x-kubernetes-list-type": "map",
+                       "x-kubernetes-list-map-keys": ["type"]},
+        "history": {"type": "array", "description": "Per-iteration records", "items": {
+            "type": "object",
+            "properties": {
+                "iteration": {"type": "integer"},
+                "startedAt": {"type": "string", "format": "date-time"},
+                "finishedAt": {"type": "string", "format": "date-time"},
+                "averageWords": {"type": "number"},
+                "stages": {"type": "object", "additionalProperties": _STAGE_RECORD},
+            },
+        }},
+        "lastFailure": {"type": "object", "properties": {
+            "iteration": {"type": "integer"}, "stage": {"type": "string"}, "attempt": {"type": "integer"},
+            "reason": {"type": "string"}, "message": {"type": "string"},
+            "time": {"type": "string", "format": "date-time"},
+        }},
+    },
+}
+
+
+def crd() -> dict:
+    root = {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema(),
+            "status": copy.deepcopy(STATUS_SCHEMA),
+        },
+        "x-kubernetes-validations": [
+            _rule(f"self.metadata.name.size() <= {MAX_RUN_NAME}",
+                  f"metadata.name must be at most {MAX_RUN_NAME} characters (it prefixes the names of Jobs, "
+                  "Services and pod hostnames)"),
+            _rule("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                  "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a "
+                  "letter): it names Services"),
+        ],
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/name": "selflengthen"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": SINGULAR,
+                      "shortNames": SHORT_NAMES, "categories": ["all", "selflengthen"]},
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                    {"name": "Iteration", "type": "string", "jsonPath": ".status.progress",
+                     "description": "current macro-iteration / iterations"},
+                    {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+                    {"name": "Avg Words", "type": "integer", "jsonPath": ".status.averageWords"},
+                    {"name": "Reason", "type": "string", "priority": 1,
+                     "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"},
+                    {"name": "Message", "type": "string", "priority": 1,
+                     "jsonPath": ".status.conditions[?(@.type==\"Ready\")].message"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+                "schema": {"openAPIV3Schema": root},
+            }],
+        },
+    }
+
+
+HEADER = ("# Generated from pipeline/config.py (RunConfig) and operator/spec.py by\n"
+          "#   python -m selflengthen.operator crd --write\n"
+          "# Do not edit by hand: tests/test_crd.py fails when this file and the models differ.\n")
+
+
+def render() -> str:
+    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=120, allow_unicode=True)
+
+
+def write(path: Path = CRD_PATH) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(), encoding="utf-8")
+    return path

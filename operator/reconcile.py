@@ -1,0 +1,635 @@
+"""The per-run state machine: (spec, status, observed children and store markers, now) -> (actions, new status).
+
+Pure: no API calls, no clock, no store access, so every path is tested without a cluster. The kopf handlers
+(operator/handlers.py) observe, call `reconcile`, apply the actions and write the status.
+
+One macro-iteration k, in order (a stage is done when its `_SUCCESS` marker is in the store, its Job completed,
+or the status already says so — whichever is seen first; finished stages never run again):
+
+    Serving     vLLM Deployment for model k-1 (base model for k = 1), until ready or its startup timeout
+    Generating  Jobs self-instruct -> respond -> extend, pointed at the Service
+    ScalingDown the inference Deployments scaled to 0 and removed, so that their GPUs are free
+    Training    Jobs build-sft -> train-generator -> train-extender
+    Evaluating  (training's evaluate.enabled) vLLM for model k, then the evaluate Job; model k keeps serving
+                into iteration k+1
+    ... then Succeeded (inference removed). A failed attempt is retried with exponential backoff up to the
+    stage's limit, each attempt recorded; then the run is Failed with the reason.
+
+Everything is derived again from what is observed each time, so a reconcile that runs twice does nothing twice,
+and one that runs after an operator restart picks up where the last one stopped: child names are deterministic,
+and the attempt number is the highest of the status's and of the Jobs found.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from dataclasses import dataclass, field
+
+from .resources import (
+    LABEL_ATTEMPT,
+    LABEL_COMPONENT,
+    LABEL_ITERATION,
+    LABEL_MODEL,
+    LABEL_STAGE,
+    JOB_NAME_LABEL,
+    CONFIG_HASH,
+    Run,
+    config_hash,
+    config_map,
+    config_map_name,
+    deployment_name,
+    endpoint,
+    job_name,
+    serving_deployment,
+    serving_name,
+    serving_service,
+    stage_job,
+    training_job,
+    training_service,
+)
+from .spec import DATA_STAGES, EVAL_STAGE, SERVING, TRAIN_STAGES
+
+ACTIVE_PHASES = ("Pending", "Serving", "Generating", "ScalingDown", "Training", "Evaluating")
+MAX_MESSAGE = 1024
+MAX_FAILURES_KEPT = 5
+
+
+@dataclass
+class Observed:
+    """What the operator saw of a run's world: its children by name, its pods, the store's completion markers."""
+
+    deployments: dict[str, dict] = field(default_factory=dict)
+    services: dict[str, dict] = field(default_factory=dict)
+    jobs: dict[str, dict] = field(default_factory=dict)
+    config_maps: dict[str, dict] = field(default_factory=dict)
+    pods: list[dict] = field(default_factory=list)
+    done: set[tuple[int, str]] = field(default_factory=set)  # (iteration, stage) with _SUCCESS in the store
+    manifests: dict[tuple[int, str], dict] = field(default_factory=dict)
+
+
+@dataclass
+class Action:
+    verb: str  # create | patch | delete
+    kind: str  # ConfigMap | Service | Deployment | Job
+    name: str
+    body: dict | None = None  # the manifest (create) or a JSON merge patch (patch)
+
+    def __repr__(self) -> str:
+        return f"{self.verb} {self.kind}/{self.name}"
+
+
+@dataclass
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    actions: list[Action]
+    status: dict
+    events: list[Event]
+    requeue_after: float | None = None
+
+
+# -- time ---------------------------------------------------------------------------------------------------------
+
+
+def ts(now: dt.datetime) -> str:
+    return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_ts(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+# -- observed objects ---------------------------------------------------------------------------------------------
+
+
+def _label(obj: dict, key: str) -> str | None:
+    return (obj.get("metadata", {}).get("labels") or {}).get(key)
+
+
+def _condition(obj: dict, ctype: str) -> dict | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype and c.get("status") == "True":
+            return c
+    return None
+
+
+def job_complete(job: dict) -> bool:
+    return _condition(job, "Complete") is not None or _condition(job, "SuccessCriteriaMet") is not None
+
+
+def job_failed(job: dict) -> dict | None:
+    return _condition(job, "Failed") or _condition(job, "FailureTarget")
+
+
+def _truncate(text: str, limit: int = MAX_MESSAGE) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def pod_summary(pod: dict) -> str:
+    """One line on why a pod is not healthy: scheduling, waiting reasons, last termination, restarts."""
+    name = pod.get("metadata", {}).get("name", "?")
+    st = pod.get("status") or {}
+    parts = [f"phase {st.get('phase', 'Unknown')}"]
+    for c in st.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False":
+            parts.append(f"not scheduled ({c.get('reason', '')}: {c.get('message', '')})")
+    for cs in [*(st.get("initContainerStatuses") or []), *(st.get("containerStatuses") or [])]:
+        bits = []
+        state, last = cs.get("state") or {}, cs.get("lastState") or {}
+        if "waiting" in state:
+            w = state["waiting"]
+            bits.append(f"waiting {w.get('reason', '')}" + (f": {w['message']}" if w.get("message") else ""))
+        if "terminated" in state:
+            t = state["terminated"]
+            bits.append(f"terminated {t.get('reason', '')} (exit code {t.get('exitCode')})"
+                        + (f": {t['message']}" if t.get("message") else ""))
+        if "terminated" in last:
+            t = last["terminated"]
+            bits.append(f"last terminated {t.get('reason', '')} (exit code {t.get('exitCode')})"
+                        + (f": {t['message']}" if t.get("message") else ""))
+        if cs.get("restartCount"):
+            bits.append(f"{cs['restartCount']} restarts")
+        if bits:
+            parts.append(f"container {cs.get('name')}: " + ", ".join(bits))
+    return f"pod {name}: " + "; ".join(parts)
+
+
+def _failure_recorded(rec: dict, attempt: int) -> bool:
+    return any(f.get("attempt") == attempt for f in rec.get("failures") or [])
+
+
+# -- the state machine --------------------------------------------------------------------------------------------
+
+
+class _Reconciler:
+    def __init__(self, run: Run, generation: int, status: dict, obs: Observed, now: dt.datetime):
+        self.run, self.generation, self.obs, self.now = run, generation, obs, now
+        self.old = status or {}
+        self.status = copy.deepcopy(self.old)
+        self.actions: list[Action] = []
+        self.events: list[Event] = []
+        self.requeue: list[float] = []
+        self.cfg, self.cl = run.config, run.cluster
+
+    # ---- helpers
+
+    def event(self, etype: str, reason: str, message: str) -> None:
+        self.events.append(Event(etype, reason, _truncate(message)))
+
+    def act(self, verb: str, kind: str, name: str, body: dict | None = None) -> None:
+        self.actions.append(Action(verb, kind, name, body))
+
+    def wait(self, seconds: float) -> None:
+        self.requeue.append(max(seconds, 0.0))
+
+    def iteration_record(self, k: int) -> dict:
+        history = self.status.setdefault("history", [])
+        for rec in history:
+            if rec.get("iteration") == k:
+                return rec
+        rec = {"iteration": k, "startedAt": ts(self.now), "stages": {}}
+        history.append(rec)
+        history.sort(key=lambda r: r["iteration"])
+        return rec
+
+    def record(self, k: int, key: str) -> dict:
+        return self.iteration_record(k)["stages"].setdefault(key, {"state": "Pending", "attempts": 0})
+
+    def steps(self) -> list[tuple[int, str]]:
+        stages = [*DATA_STAGES, *TRAIN_STAGES] + ([EVAL_STAGE] if self.cfg.evaluate.enabled else [])
+        return [(k, s) for k in range(1, self.cfg.iterations + 1) for s in stages]
+
+    def stage_jobs(self, k: int, stage: str) -> dict[int, dict]:
+        out = {}
+        for job in self.obs.jobs.values():
+            if _label(job, LABEL_ITERATION) == str(k) and _label(job, LABEL_STAGE) == stage:
+                out[int(_label(job, LABEL_ATTEMPT) or 0)] = job
+        return out
+
+    def done(self, k: int, stage: str) -> bool:
+        if (k, stage) in self.obs.done:
+            return True
+        rec = self.iteration_record_if_any(k)
+        if rec and rec["stages"].get(stage, {}).get("state") == "Succeeded":
+            return True
+        return any(job_complete(j) for j in self.stage_jobs(k, stage).values())
+
+    def iteration_record_if_any(self, k: int) -> dict | None:
+        return next((r for r in self.status.get("history", []) if r.get("iteration") == k), None)
+
+    def serving_deployments(self) -> dict[str, dict]:
+        return {n: d for n, d in self.obs.deployments.items() if _label(d, LABEL_COMPONENT) == "inference"}
+
+    # ---- stage bookkeeping
+
+    def mark_succeeded(self, k: int, stage: str) -> None:
+        rec = self.record(k, stage)
+        if rec.get("state") == "Succeeded":
+            return
+        rec["state"] = "Succeeded"
+        rec["finishedAt"] = ts(self.now)
+        rec.pop("nextAttemptAt", None)
+        started = parse_ts(rec.get("startedAt"))
+        manifest = self.obs.manifests.get((k, stage)) or {}
+        if manifest.get("durationSeconds") is not None:
+            rec["durationSeconds"] = round(float(manifest["durationSeconds"]), 3)
+        elif started:
+            rec["durationSeconds"] = (self.now - started).total_seconds()
+        if isinstance(manifest.get("counts"), dict):
+            rec["counts"] = manifest["counts"]
+        if isinstance(manifest.get("averageWords"), (int, float)):
+            rec["averageWords"] = manifest["averageWords"]
+        if isinstance(manifest.get("trainLoss"), (int, float)):
+            rec["trainLoss"] = manifest["trainLoss"]
+        scores = manifest.get("scores")
+        if isinstance(scores, dict) and isinstance(scores.get("overall"), (int, float)):
+            rec["score"] = scores["overall"]
+        rec["artifactUri"] = manifest.get("modelUri") or f"{self.cfg.storage.uri}/{self.run.name}/iter-{k:02d}/{stage}"
+        if stage == "extend" and "averageWords" in rec:
+            self.iteration_record(k)["averageWords"] = rec["averageWords"]
+            self.status["averageWords"] = int(round(rec["averageWords"]))
+        attempt = f" (attempt {rec['attempts']})" if rec.get("attempts", 0) > 1 else ""
+        self.event("Normal", "StageSucceeded", f"iteration {k}: {stage} succeeded{attempt}")
+
+    def fail_attempt(self, k: int, key: str, retry_key: str, reason: str, message: str) -> bool:
+        """Record a failed attempt; True when the stage (and so the run) has failed for good."""
+        rec = self.record(k, key)
+        attempt = rec.get("attempts", 0)
+        failure = {"attempt": attempt, "reason": reason, "message": _truncate(message), "time": ts(self.now)}
+        rec["failures"] = [*(rec.get("failures") or []), failure][-MAX_FAILURES_KEPT:]
+        self.status["lastFailure"] = {"iteration": k, "stage": key, **failure}
+        limit = self.cl.retry.limit(retry_key)
+        if attempt >= limit:
+            rec["state"] = "Failed"
+            rec["finishedAt"] = ts(self.now)
+            self.fail_run(f"iteration {k}: {key} failed after {attempt} attempt(s): {reason}: {message}", reason)
+            return True
+        delay = self.cl.retry.backoff(attempt)
+        rec["state"] = "Retrying"
+        rec["nextAttemptAt"] = ts(self.now + dt.timedelta(seconds=delay))
+        self.event("Warning", "StageFailed", f"iteration {k}: {key} attempt {attempt}/{limit} failed: {reason}: "
+                   f"{message}; retrying in {delay:g}s")
+        self.wait(delay)
+        return False
+
+    def fail_run(self, message: str, reason: str) -> None:
+        self.status["phase"] = "Failed"
+        self.status["finishedAt"] = ts(self.now)
+        self.status["failureMessage"] = _truncate(message)
+        self.event("Warning", "RunFailed", message)
+        self.cleanup_serving()
+
+    def backoff_pending(self, rec: dict) -> bool:
+        due = parse_ts(rec.get("nextAttemptAt"))
+        if due and due > self.now:
+            self.wait((due - self.now).total_seconds())
+            return True
+        return False
+
+    # ---- children
+
+    def ensure_config(self) -> None:
+        name = config_map_name(self.run.name)
+        current = self.obs.config_maps.get(name)
+        if current is None:
+            self.act("create", "ConfigMap", name, config_map(self.run))
+        elif (current.get("metadata", {}).get("annotations") or {}).get(CONFIG_HASH) != config_hash(self.run):
+            desired = config_map(self.run)
+            self.act("patch", "ConfigMap", name, {"metadata": {"annotations": desired["metadata"]["annotations"]},
+                                                  "data": desired["data"]})
+
+    def cleanup_serving(self, keep_model: int | None = None) -> None:
+        for name, dep in self.serving_deployments().items():
+            if keep_model is not None and _label(dep, LABEL_MODEL) == str(keep_model):
+                continue
+            self.act("delete", "Deployment", name)
+        for name, svc in self.obs.services.items():
+            if _label(svc, LABEL_COMPONENT) != "inference":
+                continue
+            if keep_model is not None and _label(svc, LABEL_MODEL) == str(keep_model):
+                continue
+            self.act("delete", "Service", name)
+
+    def ensure_serving(self, k: int, model: int, key: str) -> bool:
+        """Bring up vLLM for `model`; True when it is ready."""
+        self.cleanup_serving(keep_model=model)
+        rec = self.record(k, key)
+        inf = self.cl.inference
+        deps = {int(_label(d, LABEL_ATTEMPT) or 0): d for d in self.serving_deployments().values()
+                if _label(d, LABEL_MODEL) == str(model)}
+        attempt = max([rec.get("attempts", 0), *deps])
+        # Older attempts of the same model that are still around hold GPUs.
+        for a, d in deps.items():
+            if a != attempt:
+                self.act("delete", "Deployment", d["metadata"]["name"])
+        svc = serving_name(self.run.name, model)
+        if svc not in self.obs.services:
+            self.act("create", "Service", svc, serving_service(self.run, model))
+        dep = deps.get(attempt)
+        if dep is not None and _failure_recorded(rec, attempt):
+            self.act("delete", "Deployment", dep["metadata"]["name"])  # still going away
+            dep = None
+        if dep is None:
+            if attempt == 0 or rec.get("state") == "Retrying":
+                if self.backoff_pending(rec):
+                    return False
+                attempt += 1
+                rec["startedAt"] = ts(self.now)
+                self.event("Normal", "ServingStarted",
+                           f"iteration {k}: starting vLLM for {self.model_text(model)} "
+                           f"(Deployment {deployment_name(self.run.name, model, attempt)}, attempt {attempt})")
+            rec.update(attempts=attempt, state="Running", child=deployment_name(self.run.name, model, attempt))
+            rec.pop("nextAttemptAt", None)
+            rec.setdefault("startedAt", ts(self.now))
+            self.act("create", "Deployment", rec["child"], serving_deployment(self.run, model, attempt))
+            self.wait(inf.startup_timeout_seconds)
+            return False
+        rec.update(attempts=attempt, child=dep["metadata"]["name"])
+        if (dep.get("spec") or {}).get("replicas") != inf.replicas:
+            # scaled down (suspended) or resized: back to the wanted size, and the startup clock starts again
+            self.act("patch", "Deployment", rec["child"], {"spec": {"replicas": inf.replicas}})
+            rec.update(state="Running", startedAt=ts(self.now))
+            rec.pop("finishedAt", None)
+            self.wait(inf.startup_timeout_seconds)
+            return False
+        ready = int((dep.get("status") or {}).get("readyReplicas") or 0)
+        if ready >= inf.replicas:
+            if rec.get("state") != "Succeeded":
+                rec["state"] = "Succeeded"
+                rec["finishedAt"] = ts(self.now)
+                started = parse_ts(rec.get("startedAt"))
+                if started:
+                    rec["durationSeconds"] = (self.now - started).total_seconds()
+                self.event("Normal", "ServingReady", f"iteration {k}: vLLM ready for {self.model_text(model)} at "
+                           f"{endpoint(self.run, model)}")
+            return True
+        if rec.get("state") == "Succeeded":  # it was ready and is not any more: wait for it again, with a deadline
+            rec.update(state="Running", startedAt=ts(self.now))
+            rec.pop("finishedAt", None)
+            self.event("Warning", "ServingUnready", f"iteration {k}: vLLM for {self.model_text(model)} is not ready")
+        started = parse_ts(rec.get("startedAt")) or self.now
+        rec.setdefault("startedAt", ts(started))
+        elapsed = (self.now - started).total_seconds()
+        if elapsed < inf.startup_timeout_seconds:
+            self.wait(inf.startup_timeout_seconds - elapsed)
+            return False
+        pods = [p for p in self.obs.pods if _label(p, LABEL_COMPONENT) == "inference"
+                and _label(p, LABEL_MODEL) == str(model) and _label(p, LABEL_ATTEMPT) == str(attempt)]
+        detail = "; ".join(pod_summary(p) for p in pods) or "no pod was created (quota? admission?)"
+        self.act("delete", "Deployment", rec["child"])
+        self.fail_attempt(k, key, SERVING, "StartupTimeout",
+                          f"vLLM not healthy after {inf.startup_timeout_seconds}s ({ready}/{inf.replicas} ready): "
+                          f"{detail}")
+        return False
+
+    def model_text(self, model: int) -> str:
+        return "the base model" if model == 0 else f"the models of iteration {model}"
+
+    def run_stage(self, k: int, stage: str, endpoint_url: str | None) -> None:
+        rec = self.record(k, stage)
+        jobs = self.stage_jobs(k, stage)
+        attempt = max([rec.get("attempts", 0), *jobs])
+        job = jobs.get(attempt)
+        training = stage in TRAIN_STAGES[1:]
+        if job is not None and _failure_recorded(rec, attempt):
+            job = None  # a failed attempt, kept for its logs: the next attempt is due after the backoff
+        if job is None:
+            if attempt == 0 or rec.get("state") == "Retrying":
+                if self.backoff_pending(rec):
+                    return
+                attempt += 1
+                rec["startedAt"] = ts(self.now)
+                self.event("Normal", "StageStarted", f"iteration {k}: {stage} started "
+                           f"(Job {job_name(self.run.name, k, stage, attempt)}, attempt {attempt})")
+            rec.update(attempts=attempt, state="Running", child=job_name(self.run.name, k, stage, attempt))
+            rec.pop("nextAttemptAt", None)
+            rec.setdefault("startedAt", ts(self.now))
+            queued = bool(self.cl.scheduling.queue_name)  # Kueue admits (unsuspends) queued Jobs itself
+            if training:
+                body = training_job(self.run, k, stage, attempt, suspend=queued)
+                if self.cl.training.nodes > 1:
+                    self.act("create", "Service", rec["child"], training_service(self.run, k, stage, attempt))
+            else:
+                body = stage_job(self.run, k, stage, attempt, endpoint_url=endpoint_url, suspend=queued)
+            self.act("create", "Job", rec["child"], body)
+            return
+        rec.update(attempts=attempt, child=job["metadata"]["name"])
+        failed = job_failed(job)
+        if failed:
+            pods = [p for p in self.obs.pods if _label(p, JOB_NAME_LABEL) == rec["child"]
+                    or p.get("metadata", {}).get("labels", {}).get("job-name") == rec["child"]]
+            detail = "; ".join(pod_summary(p) for p in pods)
+            message = failed.get("message") or "the Job failed"
+            self.fail_attempt(k, stage, stage, failed.get("reason") or "JobFailed",
+                              f"{message}" + (f"; {detail}" if detail else ""))
+            return
+        if rec.get("state") != "Running":
+            rec["state"] = "Running"
+        if (job.get("spec") or {}).get("suspend") and not self.cl.scheduling.queue_name:
+            self.act("patch", "Job", rec["child"], {"spec": {"suspend": False}})  # resumed
+
+    # ---- the whole
+
+    def conditions(self) -> None:
+        phase = self.status.get("phase", "Pending")
+        stage = self.status.get("stage") or ""
+        k = self.status.get("currentIteration")
+        where = f"iteration {k}/{self.cfg.iterations}" + (f", {stage}" if stage else "") if k else ""
+        failure = self.status.get("lastFailure") or {}
+        records = (self.iteration_record_if_any(k) or {}).get("stages", {}) if k else {}
+        retrying = any(r.get("state") == "Retrying" for r in records.values())
+        if phase == "Succeeded":
+            ready = ("True", "Succeeded", f"all {self.cfg.iterations} iteration(s) done")
+        elif phase == "Failed":
+            ready = ("False", failure.get("reason") or "Failed", self.status.get("failureMessage") or "failed")
+        elif phase == "Suspended":
+            ready = ("False", "Suspended", f"suspended at {where}" if where else "suspended")
+        else:
+            ready = ("False", phase, where or "starting")
+        if phase in ACTIVE_PHASES:
+            progressing = ("True", phase, where or "starting")
+        else:
+            progressing = ("False", phase, ready[2])
+        if phase == "Failed":
+            degraded = ("True", failure.get("reason") or "Failed", self.status.get("failureMessage") or "")
+        elif retrying and failure:
+            degraded = ("True", "Retrying", f"iteration {failure.get('iteration')}: {failure.get('stage')} attempt "
+                        f"{failure.get('attempt')} failed: {failure.get('reason')}: {failure.get('message')}")
+        else:
+            degraded = ("False", "AsExpected", "no failure")
+        old = {c["type"]: c for c in self.old.get("conditions") or []}
+        out = []
+        for ctype, (st, reason, message) in (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded)):
+            prev = old.get(ctype)
+            changed = not prev or prev.get("status") != st
+            out.append({"type": ctype, "status": st, "reason": reason, "message": _truncate(message),
+                        "lastTransitionTime": ts(self.now) if changed else prev.get("lastTransitionTime"),
+                        "observedGeneration": self.generation})
+        self.status["conditions"] = out
+
+    def reconcile(self) -> Plan:
+        st = self.status
+        st["observedGeneration"] = self.generation
+        st["iterations"] = self.cfg.iterations
+        st.setdefault("startedAt", ts(self.now))
+        if st.get("phase") is None:
+            st["phase"] = "Pending"
+            self.event("Normal", "Accepted", f"run accepted: {self.cfg.iterations} iteration(s) of "
+                       f"{self.cfg.models.base}, artifacts in {self.cfg.storage.uri}/{self.run.name}")
+        if st.get("phase") == "Failed" and (st.get("lastFailure") or {}).get("reason") != "InvalidSpec":
+            self.cleanup_serving()
+            return self.finish()
+        if st.get("phase") == "Failed":  # an invalid spec was fixed
+            st.pop("failureMessage", None)
+            st.pop("finishedAt", None)
+        self.ensure_config()
+        pending = [(k, s) for k, s in self.steps() if not self.done(k, s)]
+        for k, s in self.steps():
+            if (k, s) not in pending:
+                self.mark_succeeded(k, s)
+        for k in range(1, self.cfg.iterations + 1):
+            rec = self.iteration_record_if_any(k)
+            if rec and not any(p[0] == k for p in pending) and "finishedAt" not in rec:
+                rec["finishedAt"] = ts(self.now)
+        if not pending:
+            return self.succeed()
+        if st.get("phase") == "Succeeded":
+            st.pop("finishedAt", None)
+            self.event("Normal", "Resumed", f"iterations raised to {self.cfg.iterations}: continuing")
+        k, stage = pending[0]
+        st["currentIteration"] = k
+        st["progress"] = f"{k}/{self.cfg.iterations}"
+        st["stage"] = stage
+        self.iteration_record(k)
+        if self.cl.suspend:
+            return self.suspend()
+        if st.get("phase") == "Suspended":
+            self.event("Normal", "Resumed", f"resumed at iteration {k}: {stage}")
+        if stage in DATA_STAGES or stage == EVAL_STAGE:
+            model = k - 1 if stage in DATA_STAGES else k
+            key = SERVING if stage in DATA_STAGES else f"{EVAL_STAGE}-{SERVING}"
+            if not self.ensure_serving(k, model, key):
+                if st.get("phase") != "Failed":
+                    st["phase"] = "Serving"
+                    st["stage"] = key
+                return self.finish()
+            st["endpoint"] = endpoint(self.run, model)
+            st["phase"] = "Generating" if stage in DATA_STAGES else "Evaluating"
+            self.run_stage(k, stage, st["endpoint"])
+        else:
+            if not self.scaled_down():
+                st["phase"] = "ScalingDown"
+                return self.finish()
+            st.pop("endpoint", None)
+            st["phase"] = "Training"
+            self.run_stage(k, stage, None)
+        return self.finish()
+
+    def scaled_down(self) -> bool:
+        deps = self.serving_deployments()
+        if not deps:
+            for name, svc in self.obs.services.items():
+                if _label(svc, LABEL_COMPONENT) == "inference":
+                    self.act("delete", "Service", name)
+            return True
+        busy = False
+        for name, dep in deps.items():
+            if (dep.get("spec") or {}).get("replicas"):
+                self.act("patch", "Deployment", name, {"spec": {"replicas": 0}})
+                busy = True
+            elif int((dep.get("status") or {}).get("replicas") or 0) > 0:
+                busy = True  # pods still terminating: their GPUs are not free yet
+            else:
+                self.act("delete", "Deployment", name)
+        if busy and self.old.get("phase") != "ScalingDown":
+            self.event("Normal", "ScalingDown", "scaling vLLM down to free the GPUs for training")
+        if busy:
+            self.wait(5)
+        return not busy
+
+    def suspend(self) -> Plan:
+        st = self.status
+        for name, job in self.obs.jobs.items():
+            if not (job.get("spec") or {}).get("suspend") and not job_complete(job) and not job_failed(job):
+                self.act("patch", "Job", name, {"spec": {"suspend": True}})
+        for name, dep in self.serving_deployments().items():
+            if (dep.get("spec") or {}).get("replicas"):
+                self.act("patch", "Deployment", name, {"spec": {"replicas": 0}})
+        if st.get("phase") != "Suspended":
+            self.event("Normal", "Suspended", f"suspended at iteration {st.get('currentIteration')}: "
+                       f"{st.get('stage')} (Jobs suspended, inference scaled to 0)")
+        st["phase"] = "Suspended"
+        return self.finish()
+
+    def succeed(self) -> Plan:
+        st = self.status
+        self.cleanup_serving()
+        if self.cl.retention.jobs == "Delete":
+            for name in self.obs.jobs:
+                self.act("delete", "Job", name)
+            for name, svc in self.obs.services.items():
+                if _label(svc, LABEL_COMPONENT) == "training":
+                    self.act("delete", "Service", name)
+        if st.get("phase") != "Succeeded":
+            st["phase"] = "Succeeded"
+            st["finishedAt"] = ts(self.now)
+            words = st.get("averageWords")
+            self.event("Normal", "RunSucceeded", f"all {self.cfg.iterations} iteration(s) done"
+                       + (f"; average words {words}" if words is not None else ""))
+        st["currentIteration"] = self.cfg.iterations
+        st["progress"] = f"{self.cfg.iterations}/{self.cfg.iterations}"
+        st["stage"] = ""
+        st.pop("endpoint", None)
+        st.pop("failureMessage", None)
+        return self.finish()
+
+    def finish(self) -> Plan:
+        self.conditions()
+        old_phase, new_phase = self.old.get("phase"), self.status.get("phase")
+        if old_phase and old_phase != new_phase and new_phase not in ("Failed", "Succeeded", "Suspended"):
+            self.event("Normal", "PhaseChanged", f"{old_phase} -> {new_phase}: iteration "
+                       f"{self.status.get('currentIteration')}, {self.status.get('stage')}")
+        requeue = min(self.requeue) if self.requeue else None
+        return Plan(self.actions, self.status, self.events, requeue)
+
+
+def reconcile(run: Run, generation: int, status: dict | None, observed: Observed, now: dt.datetime) -> Plan:
+    """The next actions for a run and its new status (see the module's docstring)."""
+    return _Reconciler(run, generation, status or {}, observed, now).reconcile()
+
+
+def invalid_spec(status: dict | None, generation: int, message: str, now: dt.datetime) -> Plan:
+    """A spec the operator cannot run (the CRD's rules were bypassed or changed): Failed, with the reason."""
+    st = copy.deepcopy(status or {})
+    events = []
+    if (st.get("lastFailure") or {}).get("message") != _truncate(message) or st.get("phase") != "Failed":
+        events.append(Event("Warning", "InvalidSpec", _truncate(message)))
+    st.update(phase="Failed", observedGeneration=generation, failureMessage=_truncate(message))
+    st["lastFailure"] = {"reason": "InvalidSpec", "message": _truncate(message), "time": ts(now)}
+    old = {c["type"]: c for c in st.get("conditions") or []}
+    conds = []
+    for ctype, value in (("Ready", "False"), ("Progressing", "False"), ("Degraded", "True")):
+        prev = old.get(ctype)
+        conds.append({"type": ctype, "status": value, "reason": "InvalidSpec", "message": _truncate(message),
+                      "lastTransitionTime": prev["lastTransitionTime"] if prev and prev.get("status") == value
+                      else ts(now), "observedGeneration": generation})
+    st["conditions"] = conds
+    return Plan([], st, events, None)
+
+
+def cleanup_actions(observed: Observed) -> list[Action]:
+    """Everything the run made, for its finalizer (pods go with their Jobs and Deployments)."""
+    out = []
+    for kind, objs in (("Deployment", observed.deployments), ("Job", observed.jobs),
+                       ("Service", observed.services), ("ConfigMap", observed.config_maps)):
+        out.extend(Action("delete", kind, name) for name in objs)
+    return out

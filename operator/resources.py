@@ -1,0 +1,407 @@
+"""Builders of a run's children: pure functions from the run to Kubernetes manifests (plain dicts).
+
+Names are deterministic (run, iteration or served model, stage, attempt), so that a reconcile that runs twice, or
+after an operator restart, finds what it made instead of making it again. Every child carries the common labels
+and an owner reference to its SelfLengthenRun (the cluster garbage-collects what the finalizer missed).
+
+    <run>-config                        ConfigMap: the run configuration (config.yaml) the stage Jobs read
+    <run>-m<MM>-vllm-a<N>               Deployment: vLLM serving model MM (0: base; k: adapters of iteration k)
+    <run>-m<MM>-vllm                    Service in front of it (the data stages' endpoint)
+    <run>-i<KK>-<stage>-a<N>            Job: one attempt of one stage of iteration KK
+    <run>-i<KK>-train-<role>-a<N>       + headless Service of the same name for a multi-node (Indexed) Job
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+from ..pipeline.config import RunConfig, dump_config
+from ..pipeline.training import model_prefix
+from .crd import API_VERSION, KIND
+from .spec import DATA_STAGES, EVAL_STAGE, ClusterSpec
+
+MANAGED_BY = "selflengthen-operator"
+LABEL_RUN = "selflengthen.io/run"
+LABEL_ITERATION = "selflengthen.io/iteration"
+LABEL_STAGE = "selflengthen.io/stage"
+LABEL_ATTEMPT = "selflengthen.io/attempt"
+LABEL_MODEL = "selflengthen.io/model"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+CONFIG_HASH = "selflengthen.io/config-hash"
+
+CONFIG_DIR = "/etc/selflengthen"
+CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
+ADAPTERS_DIR = "/adapters"
+HF_HOME = "/cache/huggingface"
+WORKDIR = "/work"
+# vLLM's accepted --max-lora-rank values; the smallest one at least the trained rank is used.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the builders need to know of a SelfLengthenRun."""
+
+    name: str
+    namespace: str
+    uid: str
+    config: RunConfig
+    cluster: ClusterSpec
+
+    @cached_property
+    def rendered_config(self) -> str:
+        return _render(self.config.model_dump_json())
+
+
+@lru_cache(maxsize=64)
+def _render(config_json: str) -> str:
+    return dump_config(RunConfig.model_validate_json(config_json))
+
+
+# -- names and labels -------------------------------------------------------------------------------------------------
+
+
+def config_map_name(run: str) -> str:
+    return f"{run}-config"
+
+
+def serving_name(run: str, model: int) -> str:
+    return f"{run}-m{model:02d}-vllm"
+
+
+def deployment_name(run: str, model: int, attempt: int) -> str:
+    return f"{serving_name(run, model)}-a{attempt}"
+
+
+def job_name(run: str, iteration: int, stage: str, attempt: int) -> str:
+    return f"{run}-i{iteration:02d}-{stage}-a{attempt}"
+
+
+def selector(run: str) -> dict[str, str]:
+    return {LABEL_RUN: run, "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def labels(run: Run, component: str, **extra: object) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "selflengthen",
+        "app.kubernetes.io/instance": run.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_COMPONENT: component,
+        LABEL_RUN: run.name,
+    }
+    for key, value in extra.items():
+        out[f"selflengthen.io/{key}"] = str(value)
+    return out
+
+
+def owner_reference(run: Run) -> dict:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": run.name, "uid": run.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(run: Run, name: str, component: str, **extra: object) -> dict:
+    return {"name": name, "namespace": run.namespace, "labels": labels(run, component, **extra),
+            "ownerReferences": [owner_reference(run)]}
+
+
+# -- the run configuration --------------------------------------------------------------------------------------------
+
+
+def rendered_config(run: Run) -> str:
+    """The YAML `selflengthen stage --config` reads: the run configuration with the run's name."""
+    return run.rendered_config
+
+
+def config_hash(run: Run) -> str:
+    return hashlib.sha256(rendered_config(run).encode()).hexdigest()[:16]
+
+
+def config_map(run: Run) -> dict:
+    meta = _meta(run, config_map_name(run.name), "config")
+    meta["annotations"] = {CONFIG_HASH: config_hash(run)}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"config.yaml": rendered_config(run)}}
+
+
+# -- pod pieces -------------------------------------------------------------------------------------------------------
+
+
+def storage_env(run: Run) -> list[dict]:
+    """S3 access for pods: credentials only as Secret references, never values."""
+    access = run.cluster.storage
+    env: list[dict] = []
+    if access.credentials_secret:
+        for var, key in (("AWS_ACCESS_KEY_ID", access.access_key_id_key),
+                         ("AWS_SECRET_ACCESS_KEY", access.secret_access_key_key)):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": access.credentials_secret, "key": key}}})
+        env.append({"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": access.credentials_secret, "key": "AWS_SESSION_TOKEN", "optional": True}}})
+    if access.region:
+        env.append({"name": "AWS_REGION", "value": access.region})
+    return env
+
+
+def hf_env(run: Run) -> list[dict]:
+    env = [{"name": "HF_HOME", "value": HF_HOME}]
+    secret = run.cluster.inference.hf_token_secret
+    if secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    return env
+
+
+def _resources(section, gpus: int) -> dict:
+    requests = dict(section.resources.requests)
+    limits = dict(section.resources.limits)
+    if gpus:
+        requests[section.gpu_resource] = gpus
+        limits[section.gpu_resource] = gpus
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _pod_spec(run: Run, containers: list[dict], *, restart: str, volumes: list[dict],
+              init_containers: list[dict] | None = None) -> dict:
+    s = run.cluster.scheduling
+    spec: dict = {"restartPolicy": restart, "containers": containers, "volumes": volumes,
+                  "enableServiceLinks": False}
+    if init_containers:
+        spec["initContainers"] = init_containers
+    if s.node_selector:
+        spec["nodeSelector"] = dict(s.node_selector)
+    if s.tolerations:
+        spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in s.tolerations]
+    if s.priority_class_name:
+        spec["priorityClassName"] = s.priority_class_name
+    if s.service_account_name:
+        spec["serviceAccountName"] = s.service_account_name
+    if s.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
+    return spec
+
+
+def _container(run: Run, name: str, image: str, command: list[str], *, env: list[dict] | None = None,
+               resources: dict | None = None, mounts: list[dict] | None = None) -> dict:
+    c = {"name": name, "image": image, "imagePullPolicy": run.cluster.image_pull_policy, "command": command,
+         "env": env or [], "volumeMounts": mounts or [],
+         # A failing stage's last log lines (its one-line "error: ..." reason) become the pod's termination
+         # message, which the operator copies into the run's status.
+         "terminationMessagePolicy": "FallbackToLogsOnError"}
+    if resources:
+        c["resources"] = resources
+    return c
+
+
+def _shm(size) -> dict:
+    return {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}
+
+
+def _cache_volume(run: Run) -> dict:
+    claim = run.cluster.inference.model_cache_claim
+    if claim:
+        return {"name": "hf-cache", "persistentVolumeClaim": {"claimName": claim}}
+    return {"name": "hf-cache", "emptyDir": {}}
+
+
+# -- serving ----------------------------------------------------------------------------------------------------------
+
+
+def served_model(run: Run) -> str:
+    return run.cluster.inference.model or run.config.models.base
+
+
+def max_lora_rank(rank: int) -> int:
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
+
+
+def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | None = None) -> dict:
+    """vLLM serving model `model`: the base model (0), or the adapters (or full weights) trained in iteration
+    `model`, pulled from the store by an init container."""
+    inf, cfg = run.cluster.inference, run.config
+    name = deployment_name(run.name, model, attempt)
+    roles = (cfg.models.generator, cfg.models.extender)
+    init: list[dict] = []
+    mounts = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "hf-cache", "mountPath": HF_HOME}]
+    volumes = [_shm(inf.shm_size), _cache_volume(run)]
+    full = cfg.training.mode == "full"
+    if model == 0:
+        args = [served_model(run), "--served-model-name", *roles]
+    elif full:
+        # Full fine-tuning (one iteration only): the trained Generator, also under the Extender's name.
+        args = [f"{ADAPTERS_DIR}/generator", "--served-model-name", *roles]
+    else:
+        args = [served_model(run), "--served-model-name", "base", "--enable-lora",
+                "--max-lora-rank", str(max_lora_rank(cfg.training.lora.rank)),
+                "--lora-modules", f"{roles[0]}={ADAPTERS_DIR}/generator", f"{roles[1]}={ADAPTERS_DIR}/extender"]
+    if model > 0:
+        pairs = [f"{model_prefix(run.name, model, role)}={ADAPTERS_DIR}/{role}"
+                 for role in (("generator",) if full else ("generator", "extender"))]
+        fetch_cmd = ["python", "-m", "selflengthen.operator.fetch", "--storage", cfg.storage.uri]
+        if cfg.storage.endpoint_url:
+            fetch_cmd += ["--endpoint-url", cfg.storage.endpoint_url]
+        init.append(_container(run, "fetch-models", run.cluster.image, [*fetch_cmd, *pairs],
+                               env=storage_env(run), mounts=[{"name": "adapters", "mountPath": ADAPTERS_DIR}]))
+        volumes.append({"name": "adapters", "emptyDir": {}})
+        mounts.append({"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True})
+    args += ["--host", "0.0.0.0", "--port", str(inf.port), "--tensor-parallel-size", str(inf.tensor_parallel_size),
+             "--gpu-memory-utilization", str(inf.gpu_memory_utilization)]
+    if inf.max_model_len:
+        args += ["--max-model-len", str(inf.max_model_len)]
+    args += list(inf.extra_args)
+    http = {"path": "/health", "port": "http"}
+    period = 10
+    container = _container(run, "vllm", inf.image, ["vllm", "serve", *args], env=hf_env(run), mounts=mounts,
+                           resources=_resources(inf, inf.tensor_parallel_size))
+    container["ports"] = [{"name": "http", "containerPort": inf.port, "protocol": "TCP"}]
+    container["startupProbe"] = {"httpGet": http, "periodSeconds": period, "timeoutSeconds": 5,
+                                 "failureThreshold": max(1, math.ceil(inf.startup_timeout_seconds / period))}
+    container["readinessProbe"] = {"httpGet": http, "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3}
+    container["livenessProbe"] = {"httpGet": http, "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 3}
+    pod_labels = labels(run, "inference", model=model, attempt=attempt)
+    meta = _meta(run, name, "inference", model=model, attempt=attempt)
+    if run.cluster.scheduling.queue_name:
+        meta["labels"][KUEUE_LABEL] = run.cluster.scheduling.queue_name
+    pod = _pod_spec(run, [container], restart="Always", volumes=volumes, init_containers=init)
+    pod["terminationGracePeriodSeconds"] = 30
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": inf.replicas if replicas is None else replicas,
+            "strategy": {"type": "Recreate"},  # GPUs: never two generations side by side
+            "selector": {"matchLabels": {LABEL_RUN: run.name, LABEL_MODEL: str(model), LABEL_ATTEMPT: str(attempt),
+                                         LABEL_COMPONENT: "inference"}},
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+        },
+    }
+
+
+def serving_service(run: Run, model: int) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(run, serving_name(run.name, model), "inference", model=model),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {LABEL_RUN: run.name, LABEL_MODEL: str(model), LABEL_COMPONENT: "inference"},
+            "ports": [{"name": "http", "port": run.cluster.inference.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def endpoint(run: Run, model: int) -> str:
+    return f"http://{serving_name(run.name, model)}.{run.namespace}.svc:{run.cluster.inference.port}/v1"
+
+
+# -- stage Jobs -------------------------------------------------------------------------------------------------------
+
+
+def _stage_command(run: Run, stage: str, iteration: int, endpoint_url: str | None) -> list[str]:
+    cmd = ["stage", stage, "--config", CONFIG_FILE, "--iteration", str(iteration)]
+    if endpoint_url:
+        cmd += ["--endpoint", endpoint_url]
+    return cmd
+
+
+def _job(run: Run, name: str, component: str, iteration: int, stage: str, attempt: int, pod: dict, *,
+         suspend: bool, completions: int = 1) -> dict:
+    meta = _meta(run, name, component, iteration=iteration, stage=stage, attempt=attempt)
+    pod_labels = labels(run, component, iteration=iteration, stage=stage, attempt=attempt)
+    if run.cluster.scheduling.queue_name:
+        meta["labels"][KUEUE_LABEL] = run.cluster.scheduling.queue_name
+    spec: dict = {
+        # The operator retries a failed stage itself (a new attempt, recorded in the run's status).
+        "backoffLimit": 0,
+        "completions": completions,
+        "parallelism": completions,
+        "suspend": suspend,
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+    }
+    if completions > 1:
+        spec["completionMode"] = "Indexed"
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+def _config_volume(run: Run) -> dict:
+    return {"name": "config", "configMap": {"name": config_map_name(run.name)}}
+
+
+def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_url: str | None = None,
+              suspend: bool = False) -> dict:
+    """A Job running `selflengthen stage STAGE` (data stages, build-sft, evaluate): CPU only."""
+    needs_server = stage in DATA_STAGES or stage == EVAL_STAGE
+    if needs_server and not endpoint_url:
+        raise ValueError(f"stage {stage} needs the inference endpoint")
+    name = job_name(run.name, iteration, stage, attempt)
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "work", "mountPath": WORKDIR}, {"name": "hf-cache", "mountPath": HF_HOME}]
+    env = [*storage_env(run), *hf_env(run), {"name": "SELFLENGTHEN_WORKDIR", "value": WORKDIR}]
+    container = _container(run, "stage", run.cluster.image,
+                           ["selflengthen", *_stage_command(run, stage, iteration, endpoint_url)],
+                           env=env, mounts=mounts)
+    pod = _pod_spec(run, [container], restart="Never",
+                    volumes=[_config_volume(run), {"name": "work", "emptyDir": {}}, _cache_volume(run)])
+    component = "evaluation" if stage == EVAL_STAGE else "data"
+    return _job(run, name, component, iteration, stage, attempt, pod, suspend=suspend)
+
+
+def training_job(run: Run, iteration: int, stage: str, attempt: int, *, suspend: bool = False) -> dict:
+    """A GPU Job running a training stage; several nodes: an Indexed Job whose pods meet through torchrun's
+    static rendezvous at index 0, reached through the headless Service of the same name."""
+    t = run.cluster.training
+    name = job_name(run.name, iteration, stage, attempt)
+    stage_args = _stage_command(run, stage, iteration, None)
+    env = [*storage_env(run), *hf_env(run), {"name": "SELFLENGTHEN_WORKDIR", "value": WORKDIR}]
+    if t.nodes == 1 and t.processes_per_node == 1:
+        command = ["selflengthen", *stage_args]
+    elif t.nodes == 1:
+        command = ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", str(t.processes_per_node),
+                   "-m", "selflengthen", *stage_args]
+    else:
+        env += [
+            {"name": "MASTER_ADDR", "value": f"{name}-0.{name}.{run.namespace}.svc"},
+            {"name": "MASTER_PORT", "value": str(t.rendezvous_port)},
+            {"name": "NNODES", "value": str(t.nodes)},
+            {"name": "NPROC_PER_NODE", "value": str(t.processes_per_node)},
+            {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
+                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        ]
+        command = ["torchrun", "--nnodes", "$(NNODES)", "--nproc-per-node", "$(NPROC_PER_NODE)",
+                   "--node-rank", "$(NODE_RANK)", "--master-addr", "$(MASTER_ADDR)", "--master-port",
+                   "$(MASTER_PORT)", "-m", "selflengthen", *stage_args]
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "shm", "mountPath": "/dev/shm"},
+              {"name": "work", "mountPath": WORKDIR}, {"name": "hf-cache", "mountPath": HF_HOME}]
+    container = _container(run, "train", t.image or run.cluster.image, command, env=env, mounts=mounts,
+                           resources=_resources(t, t.processes_per_node))
+    if t.nodes > 1:
+        container["ports"] = [{"name": "rendezvous", "containerPort": t.rendezvous_port, "protocol": "TCP"}]
+    pod = _pod_spec(run, [container], restart="Never",
+                    volumes=[_config_volume(run), _shm(t.shm_size), {"name": "work", "emptyDir": {}},
+                             _cache_volume(run)])
+    if t.nodes > 1:
+        pod["subdomain"] = name
+    return _job(run, name, "training", iteration, stage, attempt, pod, suspend=suspend, completions=t.nodes)
+
+
+def training_service(run: Run, iteration: int, stage: str, attempt: int) -> dict:
+    """Headless Service giving the pods of a multi-node training Job stable DNS names (<job>-<index>.<job>)."""
+    name = job_name(run.name, iteration, stage, attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(run, name, "training", iteration=iteration, stage=stage, attempt=attempt),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rendezvous happens before anything is ready
+            "selector": {JOB_NAME_LABEL: name},
+            "ports": [{"name": "rendezvous", "port": run.cluster.training.rendezvous_port, "protocol": "TCP"}],
+        },
+    }

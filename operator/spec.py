@@ -1,0 +1,266 @@
+"""The SelfLengthenRun spec: the run configuration (pipeline.config.RunConfig) plus the cluster-only sections.
+
+The spec is one flat object on the cluster. Its run-configuration part is RunConfig without the fields that only
+make sense on one machine (`name` comes from metadata.name, `local`, `models.endpoint`, `models.apiKeyEnv`: the
+operator serves the models itself). The cluster part is the pydantic models below. Both become the CRD's schema
+(operator/crd.py), and `parse_spec` splits a spec back into (RunConfig, ClusterSpec) with the same error format as
+the pipeline's configuration errors.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from ..pipeline.config import ConfigError, RunConfig, _format_errors
+
+# RunConfig fields that are not part of the cluster spec (dotted snake_case paths).
+EXCLUDED_CONFIG_FIELDS = ("name", "local", "models.endpoint", "models.api_key_env")
+
+# Stages of one macro-iteration as the operator runs them, in order. The data stages need the inference server.
+DATA_STAGES = ("self-instruct", "respond", "extend")
+TRAIN_STAGES = ("build-sft", "train-generator", "train-extender")
+EVAL_STAGE = "evaluate"
+ALL_STAGES = (*DATA_STAGES, *TRAIN_STAGES, EVAL_STAGE)
+SERVING = "serving"  # the pseudo-stage of bringing the vLLM server up (retried and timed like a stage)
+
+RESOURCE_KEY = r"^([a-z0-9.-]+/)?[a-zA-Z0-9][-._a-zA-Z0-9]*$"
+QUANTITY = r"^[+]?[0-9.]+([eE][-+]?[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# vLLM flags the operator sets itself: passing them again in inference.extraArgs would conflict.
+RESERVED_VLLM_FLAGS = ("--model", "--port", "--host", "--served-model-name", "--tensor-parallel-size",
+                       "--enable-lora", "--lora-modules", "--max-lora-rank", "--max-model-len",
+                       "--gpu-memory-utilization")
+# Longest run name: `<run>-i01-train-generator-a1-0` must stay a DNS label (63) for Indexed Job pod hostnames.
+MAX_RUN_NAME = 36
+
+Quantity = Annotated[int | Annotated[str, Field(pattern=QUANTITY, max_length=64)], Field()]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Resources(Model):
+    """Container resources other than GPUs (cpu, memory, ephemeral-storage, RDMA devices, ...)."""
+
+    requests: dict[Annotated[str, Field(pattern=RESOURCE_KEY)], Quantity] = Field(default_factory=dict)
+    limits: dict[Annotated[str, Field(pattern=RESOURCE_KEY)], Quantity] = Field(default_factory=dict)
+
+
+class SecretKeyRef(Model):
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Secret in the run's namespace")
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class Inference(Model):
+    """The vLLM server of each macro-iteration (a Deployment and its Service)."""
+
+    image: str = Field("vllm/vllm-openai:v0.32.0", min_length=1, description="vLLM OpenAI-compatible server image")
+    model: str | None = Field(
+        None, min_length=1, description="What vLLM loads (Hugging Face name or path in the image/cache); "
+        "default: models.base")
+    tensor_parallel_size: int = Field(1, ge=1, le=16, description="GPUs per replica (vLLM --tensor-parallel-size)")
+    replicas: int = Field(1, ge=1, le=64)
+    max_model_len: int | None = Field(None, ge=256, le=1_048_576, description="vLLM --max-model-len")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    gpu_resource: str = Field("nvidia.com/gpu", pattern=RESOURCE_KEY, description="Extended resource name of a GPU")
+    resources: Resources = Field(default_factory=Resources)
+    shm_size: Quantity = Field("16Gi", description="Size of the /dev/shm memory volume")
+    extra_args: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="More vLLM arguments, one per item")
+    port: int = Field(8000, ge=1024, le=65535)
+    startup_timeout_seconds: int = Field(
+        1800, ge=1, le=86_400, description="Fail Serving when the server is not healthy this long after it starts")
+    hf_token_secret: SecretKeyRef | None = Field(None, description="Hugging Face token (gated models), as HF_TOKEN")
+    model_cache_claim: str | None = Field(
+        None, pattern=DNS_SUBDOMAIN, max_length=253, description="PVC mounted as the Hugging Face cache (else emptyDir)")
+
+
+class TrainingJobs(Model):
+    """Where the fine-tuning Jobs run (merged into spec.training beside the run configuration's hyperparameters)."""
+
+    image: str | None = Field(None, min_length=1, description="Training image; default: spec.image")
+    nodes: int = Field(1, ge=1, le=128, description="More than 1: an Indexed Job with torchrun rendezvous")
+    processes_per_node: int = Field(1, ge=1, le=16, description="torchrun processes (and GPUs) per node")
+    gpu_resource: str = Field("nvidia.com/gpu", pattern=RESOURCE_KEY)
+    resources: Resources = Field(default_factory=Resources)
+    shm_size: Quantity = Field("32Gi")
+    rendezvous_port: int = Field(29500, ge=1024, le=65535)
+
+
+class StorageAccess(Model):
+    """How pods reach the store (merged into spec.storage beside the run configuration's uri and endpointUrl)."""
+
+    credentials_secret: str | None = Field(
+        None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN, "
+        "AWS_REGION); none: the pods' own identity (IRSA, workload identity)")
+    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", min_length=1, max_length=253)
+    secret_access_key_key: str = Field("AWS_SECRET_ACCESS_KEY", min_length=1, max_length=253)
+    region: str | None = Field(None, min_length=1, max_length=64, description="AWS_REGION for the pods")
+
+
+class Toleration(Model):
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+
+class Scheduling(Model):
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    priority_class_name: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253)
+    queue_name: str | None = Field(
+        None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="Kueue LocalQueue: Jobs are created suspended and admitted by Kueue")
+    service_account_name: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253)
+    image_pull_secrets: list[Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=253)]] = Field(
+        default_factory=list, max_length=16)
+
+
+class Retry(Model):
+    max_attempts: int = Field(3, ge=1, le=9, description="Attempts per stage (the first included)")
+    stages: dict[str, Annotated[int, Field(ge=1, le=9)]] = Field(
+        default_factory=dict, description="Per-stage attempt limits overriding maxAttempts (stage name -> attempts)")
+    backoff_seconds: int = Field(30, ge=0, le=3600, description="Wait before the 2nd attempt; doubles after")
+    max_backoff_seconds: int = Field(900, ge=0, le=86_400)
+
+    def limit(self, stage: str) -> int:
+        return self.stages.get(stage, self.max_attempts)
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after `failures` failed attempts before the next one."""
+        return float(min(self.backoff_seconds * 2 ** max(failures - 1, 0), self.max_backoff_seconds))
+
+
+class Retention(Model):
+    artifacts: Literal["Retain", "Delete"] = Field(
+        "Retain", description="On deletion of the run: keep the S3 artifacts or delete them")
+    jobs: Literal["Retain", "Delete"] = Field(
+        "Retain", description="When the run has finished: keep the finished Jobs (and their logs) or delete them")
+
+
+class ClusterSpec(Model):
+    """The cluster-only part of a SelfLengthenRun spec."""
+
+    image: str = Field(min_length=1, description="The selflengthen image: data, build-sft and evaluate Jobs")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    suspend: bool = Field(False, description="Stop starting work and suspend running Jobs; false resumes")
+    inference: Inference = Field(default_factory=Inference)
+    training: TrainingJobs = Field(default_factory=TrainingJobs)
+    storage: StorageAccess = Field(default_factory=StorageAccess)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    retry: Retry = Field(default_factory=Retry)
+    retention: Retention = Field(default_factory=Retention)
+
+
+def cluster_fields(section: str | None = None) -> set[str]:
+    """camelCase names of the cluster fields at the top of the spec, or inside a merged section."""
+    model: type[BaseModel] = ClusterSpec
+    if section is not None:
+        model = ClusterSpec.model_fields[_snake(section)].annotation  # type: ignore[assignment]
+    return {f.alias or name for name, f in model.model_fields.items()}
+
+
+def config_fields() -> set[str]:
+    return {f.alias or n for n, f in RunConfig.model_fields.items() if n not in EXCLUDED_CONFIG_FIELDS}
+
+
+def merged_sections() -> set[str]:
+    """Top-level keys that both the run configuration and the cluster part define (one object on the cluster)."""
+    return cluster_fields() & config_fields()
+
+
+def _snake(name: str) -> str:
+    for n, f in ClusterSpec.model_fields.items():
+        if (f.alias or n) == name:
+            return n
+    raise KeyError(name)
+
+
+def split_spec(spec: dict) -> tuple[dict, dict]:
+    """Split a spec (camelCase dict) into (run-configuration part, cluster part)."""
+    cluster_keys, merged = cluster_fields(), merged_sections()
+    config: dict = {}
+    cluster: dict = {}
+    for key, value in spec.items():
+        if key in merged and isinstance(value, dict):
+            inner = cluster_fields(key)
+            cluster[key] = {k: v for k, v in value.items() if k in inner}
+            config[key] = {k: v for k, v in value.items() if k not in inner}
+        elif key in cluster_keys:
+            cluster[key] = value
+        else:
+            config[key] = value
+    return config, cluster
+
+
+def parse_spec(name: str, spec: dict) -> tuple[RunConfig, ClusterSpec]:
+    """Validate a SelfLengthenRun spec; ConfigError names each bad field by its path under `spec`."""
+    if not isinstance(spec, dict):
+        raise ConfigError("invalid SelfLengthenRun: spec must be a mapping")
+    config_part, cluster_part = split_spec(spec)
+    errors: list[str] = []
+    for key in config_part:
+        if key in {"name", "local"}:
+            errors.append(f"{key}: unknown field (set by the operator)")
+    models = config_part.get("models")
+    if isinstance(models, dict):
+        for key in ("endpoint", "apiKeyEnv"):
+            if key in models:
+                errors.append(f"models.{key}: unknown field (the operator serves the models)")
+    config = cluster = None
+    try:
+        config = RunConfig.model_validate({**config_part, "name": name})
+    except ValidationError as err:
+        errors.extend(_format_errors(err).splitlines()[1:])
+    try:
+        cluster = ClusterSpec.model_validate(cluster_part)
+    except ValidationError as err:
+        errors.extend(_format_errors(err).splitlines()[1:])
+    if not errors and config is not None and cluster is not None:
+        errors.extend(cross_field_errors(config, cluster))
+    if errors:
+        lines = [e.strip() for e in errors]
+        raise ConfigError("invalid SelfLengthenRun spec:\n  " + "\n  ".join(f"spec.{e}" for e in lines))
+    assert config is not None and cluster is not None
+    return config, cluster
+
+
+def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
+    """The CRD's CEL rules, restated for the operator (which also runs where no admission checked the spec)."""
+    errors = []
+    if not config.storage.uri.startswith("s3://"):
+        errors.append("storage.uri: must be s3://BUCKET[/PREFIX] on a cluster (pods share no disk)")
+    if config.training.mode == "full" and config.iterations > 1:
+        errors.append("training.mode: full fine-tuning supports iterations: 1 only (a single vLLM server "
+                      "cannot serve two different full models to the pipeline)")
+    for section in (cluster.inference, cluster.training):
+        for kind in ("requests", "limits"):
+            if section.gpu_resource in getattr(section.resources, kind):
+                errors.append(f"{'inference' if section is cluster.inference else 'training'}.resources.{kind}: "
+                              f"must not set {section.gpu_resource} (GPUs follow from the parallelism fields)")
+    if config.models.base.startswith("tiny://"):
+        errors.append("models.base: tiny:// models exist on a laptop only: name a real model")
+    reserved = [a for a in cluster.inference.extra_args
+                if any(a == f or a.startswith(f + "=") for f in RESERVED_VLLM_FLAGS)]
+    if reserved:
+        errors.append(f"inference.extraArgs: must not repeat flags the operator sets ({', '.join(reserved)})")
+    if cluster.retry.max_backoff_seconds < cluster.retry.backoff_seconds:
+        errors.append("retry.maxBackoffSeconds: must not be below backoffSeconds")
+    for i, t in enumerate(cluster.scheduling.tolerations):
+        if t.operator == "Exists" and t.value is not None:
+            errors.append(f"scheduling.tolerations.{i}: a toleration with operator Exists must not have a value")
+        if t.key is None and t.operator != "Exists":
+            errors.append(f"scheduling.tolerations.{i}: a toleration without a key must use operator Exists")
+    unknown = sorted(set(cluster.retry.stages) - set(ALL_STAGES) - {SERVING})
+    if unknown:
+        errors.append(f"retry.stages: unknown stage(s) {', '.join(unknown)}")
+    return errors

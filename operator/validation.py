@@ -1,0 +1,170 @@
+"""Offline admission of SelfLengthenRun manifests against the CRD, the way the API server does it.
+
+The API server defaults a custom resource from the CRD's schema, validates it (OpenAPI v3, strict field
+validation refusing unknown fields), then evaluates the CEL `x-kubernetes-validations` rules (transition rules
+with `oldSelf` only on updates). This module does the same with jsonschema and cel-python so that tests, and
+`python -m selflengthen.operator validate run.yaml`, refuse a bad manifest with the message a cluster would give.
+Needs the `jsonschema` and `cel-python` packages (test/operator extras).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from typing import Any
+
+from .crd import crd
+
+_MISSING = object()
+
+
+def root_schema() -> dict:
+    return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+# -- defaulting -----------------------------------------------------------------------------------------------------
+
+
+def apply_defaults(schema: dict, value: Any) -> Any:
+    """Fill in defaults as the API server does: for absent properties of present objects, recursively."""
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        if props:
+            for name, sub in props.items():
+                if name not in value and "default" in sub:
+                    value[name] = copy.deepcopy(sub["default"])
+                if name in value:
+                    value[name] = apply_defaults(sub, value[name])
+        elif isinstance(schema.get("additionalProperties"), dict):
+            for key in value:
+                value[key] = apply_defaults(schema["additionalProperties"], value[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
+# -- OpenAPI v3 (Kubernetes flavour) -> JSON Schema draft 4 ---------------------------------------------------------
+
+
+def _jsonschema(node: Any) -> Any:
+    """Draft 4 knows boolean exclusiveMinimum like OpenAPI 3.0; add what the server enforces beyond JSON Schema."""
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "properties":
+            out[key] = {k: _jsonschema(v) for k, v in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = _jsonschema(value)
+        elif key in ("anyOf", "allOf", "oneOf"):
+            out[key] = [_jsonschema(v) for v in value]
+        elif key.startswith("x-kubernetes-") or key in ("default", "nullable", "format"):
+            continue
+        else:
+            out[key] = value
+    if node.get("x-kubernetes-list-type") == "set":
+        out["uniqueItems"] = True
+    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False  # strict field validation: unknown fields are errors
+    if node.get("nullable"):
+        out.pop("type", None)
+        out = {"anyOf": [{"type": "null"}, out]}
+    return out
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = _jsonschema(root_schema())
+    schema["properties"]["metadata"] = {"type": "object"}
+    return jsonschema.Draft4Validator(schema)
+
+
+def _path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<root>"
+
+
+def _schema_errors(obj: dict) -> list[str]:
+    errors = []
+    for err in sorted(_validator().iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
+        if err.validator == "additionalProperties" and err.validator_value is False:
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            for name in extra:
+                errors.append(f"{_path([*err.absolute_path, name])}: unknown field")
+            continue
+        if err.validator == "required":
+            missing = err.message.split("'")[1]
+            errors.append(f"{_path([*err.absolute_path, missing])}: Required value")
+            continue
+        errors.append(f"{_path(err.absolute_path)}: Invalid value: {err.message}")
+    return errors
+
+
+# -- CEL ------------------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def _program(rule: str):
+    import celpy
+
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def _cel_errors(schema: dict, value: Any, old: Any, path: list) -> list[str]:
+    import celpy
+
+    errors = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        transition = "oldSelf" in rule["rule"]
+        if transition and old is _MISSING:
+            continue  # transition rules run on updates only, where the old value exists
+        activation = {"self": celpy.json_to_cel(value)}
+        if transition:
+            activation["oldSelf"] = celpy.json_to_cel(old)
+        try:
+            ok = _program(rule["rule"]).evaluate(activation)
+        except Exception as exc:  # an error evaluating is a broken rule; the server reports it the same way
+            errors.append(f"{_path(path)}: rule {rule['rule']!r} failed to evaluate: {exc}")
+            continue
+        if not ok:
+            where = _path(path) + rule.get("fieldPath", "")
+            errors.append(f"{where}: Invalid value: {rule.get('message') or 'failed rule: ' + rule['rule']}")
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        if props:
+            for name, sub in props.items():
+                if name in value:
+                    sub_old = old.get(name, _MISSING) if isinstance(old, dict) else _MISSING
+                    errors.extend(_cel_errors(sub, value[name], sub_old, [*path, name]))
+        elif isinstance(schema.get("additionalProperties"), dict):
+            for key, sub_value in value.items():
+                sub_old = old.get(key, _MISSING) if isinstance(old, dict) else _MISSING
+                errors.extend(_cel_errors(schema["additionalProperties"], sub_value, sub_old, [*path, key]))
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            errors.extend(_cel_errors(schema["items"], item, _MISSING, [*path, i]))
+    return errors
+
+
+# -- admission ------------------------------------------------------------------------------------------------------
+
+
+def admit(obj: dict, old: dict | None = None) -> tuple[dict, list[str]]:
+    """Default and validate a SelfLengthenRun as the API server would; returns (defaulted object, errors)."""
+    schema = root_schema()
+    obj = apply_defaults(schema, copy.deepcopy(obj))
+    errors = _schema_errors(obj)
+    if not errors:
+        old_obj = apply_defaults(schema, copy.deepcopy(old)) if old is not None else _MISSING
+        view = {**obj, "metadata": {k: obj.get("metadata", {}).get(k) for k in ("name",)}}
+        errors = _cel_errors(schema, view, old_obj, [])
+    return obj, errors
+
+
+def validate(obj: dict, old: dict | None = None) -> list[str]:
+    return admit(obj, old)[1]

@@ -1,0 +1,373 @@
+"""Test fixtures for the operator: example specs, and an in-memory world the pure state machine acts on.
+
+The kmock-backed API server with its realism (tests/test_operator_kmock.py) builds on `RealisticKubernetes`
+below; the state-machine tests use `World`, which applies a Plan's actions to plain dicts.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+
+from selflengthen.operator.reconcile import Observed, Plan, reconcile
+from selflengthen.operator.resources import Run
+from selflengthen.operator.spec import parse_spec
+
+T0 = dt.datetime(2026, 11, 25, 12, 0, 0, tzinfo=dt.UTC)
+
+BASE_SPEC = {
+    "image": "ghcr.io/example/selflengthen:0.1.0",
+    "iterations": 2,
+    "models": {"base": "Qwen/Qwen2-7B-Instruct"},
+    "storage": {"uri": "s3://selflengthen-artifacts/runs", "credentialsSecret": "s3-credentials"},
+    "inference": {"startupTimeoutSeconds": 600},
+    "retry": {"maxAttempts": 2, "backoffSeconds": 30},
+    "evaluate": {"enabled": False},
+}
+
+
+def spec(**overrides) -> dict:
+    out = copy.deepcopy(BASE_SPEC)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def make_run(spec_dict: dict | None = None, name: str = "demo", namespace: str = "ml") -> Run:
+    config, cluster = parse_spec(name, spec_dict or spec())
+    return Run(name=name, namespace=namespace, uid="uid-demo", config=config, cluster=cluster)
+
+
+def merge(target: dict, patch: dict) -> dict:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
+class World:
+    """Children as the API server would hold them, and the store's completion markers."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.done: set[tuple[int, str]] = set()
+        self.manifests: dict[tuple[int, str], dict] = {}
+        self.pods: list[dict] = []
+        self.status: dict = {}
+        self.now = T0
+        self.created: list[str] = []
+        self.events: list = []
+
+    def observed(self) -> Observed:
+        by_kind: dict[str, dict] = {"Deployment": {}, "Service": {}, "Job": {}, "ConfigMap": {}}
+        for (kind, name), obj in self.objects.items():
+            by_kind[kind][name] = copy.deepcopy(obj)
+        return Observed(deployments=by_kind["Deployment"], services=by_kind["Service"], jobs=by_kind["Job"],
+                        config_maps=by_kind["ConfigMap"], pods=copy.deepcopy(self.pods), done=set(self.done),
+                        manifests=dict(self.manifests))
+
+    def step(self, advance: float = 1.0) -> Plan:
+        self.now += dt.timedelta(seconds=advance)
+        plan = reconcile(self.run, 1, self.status, self.observed(), self.now)
+        for action in plan.actions:
+            key = (action.kind, action.name)
+            if action.verb == "create":
+                if key not in self.objects:  # an existing one is adopted (same deterministic name)
+                    self.objects[key] = copy.deepcopy(action.body)
+                    self.created.append(f"{action.kind}/{action.name}")
+            elif action.verb == "patch":
+                merge(self.objects[key], action.body)
+            elif action.verb == "delete":
+                self.objects.pop(key, None)
+        self.status = plan.status
+        self.events.extend(plan.events)
+        return plan
+
+    def settle(self, limit: int = 10) -> Plan:
+        """Reconcile until nothing more is asked for."""
+        for _ in range(limit):
+            plan = self.step()
+            if not plan.actions:
+                return plan
+        raise AssertionError(f"no fixed point after {limit} reconciles: {plan.actions}")
+
+    # -- the cluster's side
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(name for k, name in self.objects if k == kind)
+
+    def ready(self, name: str) -> None:
+        dep = self.objects[("Deployment", name)]
+        n = dep["spec"]["replicas"]
+        dep["status"] = {"replicas": n, "readyReplicas": n, "availableReplicas": n}
+
+    def scaled_to_zero(self, name: str) -> None:
+        self.objects[("Deployment", name)]["status"] = {"replicas": 0}
+
+    def complete(self, name: str, manifest: dict | None = None) -> None:
+        job = self.objects[("Job", name)]
+        job["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
+        labels = job["metadata"]["labels"]
+        key = (int(labels["selflengthen.io/iteration"]), labels["selflengthen.io/stage"])
+        self.done.add(key)
+        if manifest:
+            self.manifests[key] = manifest
+
+    def fail(self, name: str, message: str = "error: boom") -> None:
+        job = self.objects[("Job", name)]
+        job["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                         "message": "Job has reached the specified backoff limit"}], "failed": 1}
+        self.pods.append({"metadata": {"name": f"{name}-x1", "labels": {"batch.kubernetes.io/job-name": name}},
+                          "status": {"phase": "Failed", "containerStatuses": [{"name": "stage", "state": {
+                              "terminated": {"reason": "Error", "exitCode": 1, "message": message}}}]}})
+
+
+def current_child(status: dict) -> str | None:
+    k, stage = status.get("currentIteration"), status.get("stage")
+    for rec in status.get("history", []):
+        if rec["iteration"] == k:
+            return rec["stages"].get(stage, {}).get("child")
+    return None
+
+
+MANIFESTS = {
+    "self-instruct": {"counts": {"requested": 5000, "accepted": 4100}},
+    "respond": {"counts": {"requested": 8200, "accepted": 7000}, "averageWords": 820.0},
+    "extend": {"counts": {"requested": 7000, "accepted": 5200}, "averageWords": 2310.4, "averageWordsInitial": 830},
+    "build-sft": {"counts": {"generator": 5200, "extender": 5200}},
+    "train-generator": {"trainLoss": 1.23, "modelUri": "s3://selflengthen-artifacts/runs/demo/iter-01/train-generator/model"},
+    "train-extender": {"trainLoss": 1.31},
+    "evaluate": {"scores": {"overall": 0.71}, "averageWords": 1500},
+}
+
+
+def play_cluster(world: World) -> str:
+    """Do what the cluster (and the stage's pods) would do next for the run's current step; returns what."""
+    st = world.status
+    phase, child = st.get("phase"), current_child(st)
+    if phase == "Serving":
+        world.ready(child)
+        return f"ready {child}"
+    if phase == "ScalingDown":
+        for name in world.names("Deployment"):
+            world.scaled_to_zero(name)
+        return "scaled down"
+    if phase in ("Generating", "Training", "Evaluating"):
+        world.complete(child, MANIFESTS.get(st["stage"]))
+        return f"complete {child}"
+    raise AssertionError(f"nothing to play in phase {phase}")
+
+
+def run_to_completion(world: World, limit: int = 200, before_each=None) -> list[str]:
+    log = []
+    for _ in range(limit):
+        world.settle()
+        if world.status.get("phase") in ("Succeeded", "Failed"):
+            return log
+        if before_each:
+            before_each(world)
+            world.settle()
+        log.append(play_cluster(world))
+    raise AssertionError("the run did not finish")
+
+
+# -- kmock with the realism the operator needs ------------------------------------------------------------------------
+
+import asyncio  # noqa: E402
+import itertools  # noqa: E402
+import re  # noqa: E402
+import uuid  # noqa: E402
+
+import attrs  # noqa: E402
+import kmock  # noqa: E402
+from kmock._internal import enums as _kmock_enums  # noqa: E402
+from kmock._internal.dicts import patch_dict as _patch_dict  # noqa: E402
+
+_SELECTOR = re.compile(r"\s*(!?)([\w./-]+)(?:\s*(==|=|!=)\s*([\w.-]*)|\s+(in|notin)\s*\(([^)]*)\))?\s*")
+
+
+def _pointer(doc, path: str):
+    for part in path.strip("/").split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict):
+            doc = doc.get(part)
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return None
+    return doc
+
+
+def parse_selector(text: str) -> list[tuple[str, str, set[str]]]:
+    """A label selector ('a=b,c!=d,e in (x,y),!f,g') as (key, operator, values)."""
+    terms, pos = [], 0
+    text = text.strip()
+    while pos < len(text):
+        m = _SELECTOR.match(text, pos)
+        if not m or m.end() == pos:
+            raise ValueError(f"bad label selector {text!r}")
+        neg, key, op, value, setop, values = m.groups()
+        if neg:
+            terms.append((key, "!exists", set()))
+        elif op:
+            terms.append((key, "!=" if op == "!=" else "=", {value}))
+        elif setop:
+            terms.append((key, setop, {v.strip() for v in values.split(",") if v.strip()}))
+        else:
+            terms.append((key, "exists", set()))
+        pos = m.end()
+        if pos < len(text):
+            if text[pos] != ",":
+                raise ValueError(f"bad label selector {text!r}")
+            pos += 1
+    return terms
+
+
+def selector_matches(labels: dict, text: str | None) -> bool:
+    if not text:
+        return True
+    for key, op, values in parse_selector(text):
+        value = labels.get(key)
+        ok = {"exists": value is not None, "!exists": value is None, "=": value in values,
+              "!=": value not in values, "in": value in values, "notin": value not in values}[op]
+        if not ok:
+            return False
+    return True
+
+
+@attrs.define(kw_only=True)
+class RealisticKubernetes(kmock.KubernetesEmulator):
+    """kmock's emulator plus what a real API server does that the operator relies on:
+
+    - metadata stamped on writes: uid, creationTimestamp, generation (bumped on spec changes only) and an
+      increasing resourceVersion; metadata.generateName honoured; the URL's namespace put into the object;
+    - status subresources: the main resource ignores status changes, /status changes only status;
+    - list and watch filtered by ?labelSelector=.
+    """
+
+    _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1000), init=False)
+    status_subresources: set = attrs.field(factory=set, init=False)
+
+    def register_crd(self, crd: dict) -> None:
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            key = f"{spec['group']}/{version['name']}/{spec['names']['plural']}"
+            self.resources[key] = kmock.ResourceInfo(
+                kind=spec["names"]["kind"], singular=spec["names"]["singular"],
+                namespaced=spec["scope"] == "Namespaced", shortnames=set(spec["names"].get("shortNames", [])),
+                categories=set(spec["names"].get("categories", [])),
+                verbs={"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"},
+                subresources=set(version.get("subresources", {})))
+            if "status" in version.get("subresources", {}):
+                self.status_subresources.add(kmock.resource(spec["group"], version["name"], spec["names"]["plural"]))
+
+    def _has_status(self, resource) -> bool:
+        return resource in self.status_subresources or (
+            resource.group in ("apps", "batch") or (resource.group == "" and resource.plural in ("pods", "services")))
+
+    def _current(self, request):
+        key = (request.resource, request.namespace, request.name)
+        obj = self.objects.get(key) if hasattr(self.objects, "get") else None
+        if obj is None:
+            try:
+                obj = self.objects[key]
+            except (KeyError, IndexError, TypeError):
+                return None
+        return None if obj.deleted else obj.raw
+
+    # kmock keeps every request and matches each new one against all of them (quadratic); a run makes thousands.
+    # Only a recent window is kept (far more than ever run concurrently); `writes` keeps what tests assert on.
+    request_window: int = 32
+    writes: list = attrs.field(factory=list, init=False)
+
+    async def _handle(self, request):
+        if len(self._requests) > self.request_window:
+            del self._requests[: -self.request_window // 2]
+        if request.resource is not None and request.action in (
+                _kmock_enums.action.CREATE, _kmock_enums.action.UPDATE, _kmock_enums.action.DELETE):
+            name = request.name or ((request.data or {}).get("metadata") or {}).get("name") \
+                if isinstance(request.data, dict) or request.name else request.name
+            self.writes.append((request.action.name, request.resource.plural, name, request.subresource))
+        data = request.data
+        if request.resource is not None and request.action == _kmock_enums.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            if request.namespace:
+                meta["namespace"] = request.namespace
+            meta.update(uid=str(uuid.uuid4()), resourceVersion=str(next(self._versions)), generation=1,
+                        creationTimestamp=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            if self._has_status(request.resource) and request.resource in self.status_subresources:
+                data.pop("status", None)
+        elif (request.resource is not None and request.action == _kmock_enums.action.UPDATE
+              and request.name is not None):
+            current = self._current(request)
+            if current is not None:
+                sub = request.subresource
+                if isinstance(data, dict):
+                    if request.resource in self.status_subresources:
+                        kept = {"status": data.get("status")} if sub == "status" else {
+                            k: v for k, v in data.items() if k != "status"}
+                        data.clear()
+                        data.update(kept)
+                    meta = data.setdefault("metadata", {}) if isinstance(data.get("metadata"), dict) or \
+                        "metadata" not in data else data["metadata"]
+                    for immutable in ("uid", "creationTimestamp", "generation", "name", "namespace"):
+                        meta.pop(immutable, None)
+                    after = _patch_dict(current, data)
+                    meta["resourceVersion"] = str(next(self._versions))
+                    if after.get("spec") != current.get("spec"):
+                        meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
+                elif isinstance(data, list):
+                    for op in data:  # optimistic concurrency: a failed test is 422, as the API server says
+                        if op.get("op") == "test" and _pointer(current, op["path"]) != op.get("value"):
+                            raise kmock.KubernetesError(
+                                status=422, reason="Invalid",
+                                message=f"the test of {op['path']} failed: {op.get('value')!r} wanted")
+                    after = _patch_dict(current, data)
+                    data.append({"op": "add", "path": "/metadata/resourceVersion",
+                                 "value": str(next(self._versions))})
+                    if after.get("spec") != current.get("spec"):
+                        data.append({"op": "add", "path": "/metadata/generation",
+                                     "value": int(current["metadata"].get("generation", 1)) + 1})
+        return await super()._handle(request)
+
+    async def _serve_list(self, request):
+        result = await super()._serve_list(request)
+        sel = request.params.get("labelSelector")
+        result["items"] = [o for o in result["items"]
+                           if selector_matches((o.get("metadata") or {}).get("labels") or {}, sel)]
+        result["metadata"]["resourceVersion"] = str(next(self._versions))
+        return result
+
+    async def _serve_watch(self, request):
+        sel = request.params.get("labelSelector")
+        async for event in super()._serve_watch(request):
+            if isinstance(event, dict) and "object" in event and not selector_matches(
+                    (event["object"].get("metadata") or {}).get("labels") or {}, sel):
+                continue
+            yield event
+
+
+def parse_path(path: str):
+    """kmock's path parser, fixed for the namespaces resource itself: /api/v1/namespaces[/NAME] (it reads
+    `namespaces` as the start of a namespaced path and fails on the list of namespaces kopf asks for)."""
+    from kmock._internal import parsing
+
+    parts = path.strip("/").split("/")
+    if len(parts) in (3, 4) and parts[:3] == ["api", "v1", "namespaces"]:
+        return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+    return _original_parse_path(path)
+
+
+from kmock._internal import parsing as _parsing  # noqa: E402
+
+_original_parse_path = _parsing.parse_path

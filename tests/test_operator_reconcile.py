@@ -1,0 +1,315 @@
+"""The per-run state machine, on its own: given status + observed children + store markers, the next actions."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from kube_fixtures import World, current_child, make_run, play_cluster, run_to_completion, spec
+from selflengthen.operator.reconcile import invalid_spec
+
+
+def stage_jobs(world: World) -> list[str]:
+    return [c for c in world.created if c.startswith("Job/")]
+
+
+def test_happy_path_two_iterations_exact_children_and_status():
+    world = World(make_run(spec(evaluate={"enabled": True})))
+    plan = world.step()
+    assert [repr(a) for a in plan.actions] == [
+        "create ConfigMap/demo-config", "create Service/demo-m00-vllm", "create Deployment/demo-m00-vllm-a1"]
+    assert plan.status["phase"] == "Serving" and plan.status["progress"] == "1/2"
+    assert [e.reason for e in plan.events] == ["Accepted", "ServingStarted"]
+    phases = []
+
+    def note(w):
+        phases.append((w.status["phase"], w.status.get("currentIteration"), w.status.get("stage")))
+
+    log = run_to_completion(world, before_each=note)
+    assert log == [
+        "ready demo-m00-vllm-a1",
+        "complete demo-i01-self-instruct-a1", "complete demo-i01-respond-a1", "complete demo-i01-extend-a1",
+        "scaled down",
+        "complete demo-i01-build-sft-a1", "complete demo-i01-train-generator-a1",
+        "complete demo-i01-train-extender-a1",
+        "ready demo-m01-vllm-a1", "complete demo-i01-evaluate-a1",
+        # model 1 keeps serving into iteration 2: no restart of vLLM between evaluate and self-instruct
+        "complete demo-i02-self-instruct-a1", "complete demo-i02-respond-a1", "complete demo-i02-extend-a1",
+        "scaled down",
+        "complete demo-i02-build-sft-a1", "complete demo-i02-train-generator-a1",
+        "complete demo-i02-train-extender-a1",
+        "ready demo-m02-vllm-a1", "complete demo-i02-evaluate-a1",
+    ]
+    assert [p[0] for p in phases] == [
+        "Serving", "Generating", "Generating", "Generating", "ScalingDown", "Training", "Training", "Training",
+        "Serving", "Evaluating", "Generating", "Generating", "Generating", "ScalingDown", "Training", "Training",
+        "Training", "Serving", "Evaluating"]
+    assert world.created == [
+        "ConfigMap/demo-config", "Service/demo-m00-vllm", "Deployment/demo-m00-vllm-a1",
+        "Job/demo-i01-self-instruct-a1", "Job/demo-i01-respond-a1", "Job/demo-i01-extend-a1",
+        "Job/demo-i01-build-sft-a1", "Job/demo-i01-train-generator-a1", "Job/demo-i01-train-extender-a1",
+        "Service/demo-m01-vllm", "Deployment/demo-m01-vllm-a1", "Job/demo-i01-evaluate-a1",
+        "Job/demo-i02-self-instruct-a1", "Job/demo-i02-respond-a1", "Job/demo-i02-extend-a1",
+        "Job/demo-i02-build-sft-a1", "Job/demo-i02-train-generator-a1", "Job/demo-i02-train-extender-a1",
+        "Service/demo-m02-vllm", "Deployment/demo-m02-vllm-a1", "Job/demo-i02-evaluate-a1"]
+    st = world.status
+    assert st["phase"] == "Succeeded" and st["progress"] == "2/2" and st["stage"] == ""
+    assert st["averageWords"] == 2310
+    assert world.names("Deployment") == [] and world.names("Service") == []  # GPUs free, nothing serving
+    assert len(world.names("Job")) == 14  # kept (retention.jobs: Retain)
+    ready = {c["type"]: c for c in st["conditions"]}
+    assert ready["Ready"]["status"] == "True" and ready["Progressing"]["status"] == "False"
+    assert ready["Degraded"]["status"] == "False"
+    it1 = st["history"][0]
+    assert it1["averageWords"] == 2310.4 and "finishedAt" in it1
+    assert it1["stages"]["train-generator"]["trainLoss"] == 1.23
+    assert it1["stages"]["train-generator"]["artifactUri"].endswith("/iter-01/train-generator/model")
+    assert it1["stages"]["extend"]["artifactUri"] == "s3://selflengthen-artifacts/runs/demo/iter-01/extend"
+    assert it1["stages"]["evaluate"]["score"] == 0.71
+    assert it1["stages"]["self-instruct"]["counts"] == {"requested": 5000, "accepted": 4100}
+    assert set(it1["stages"]) == {"serving", "self-instruct", "respond", "extend", "build-sft", "train-generator",
+                                  "train-extender", "evaluate-serving", "evaluate"}
+    assert st["history"][1]["stages"]["serving"]["child"] == "demo-m01-vllm-a1"  # reused
+    reasons = [e.reason for e in world.events]
+    assert reasons.count("StageSucceeded") == 14 and reasons[-1] == "RunSucceeded"
+    assert world.settle().actions == []  # finished: nothing more to do
+
+
+def test_data_jobs_point_at_the_service_and_training_waits_for_gpus():
+    world = World(make_run())
+    world.settle()
+    world.ready("demo-m00-vllm-a1")
+    world.settle()
+    job = world.objects[("Job", "demo-i01-self-instruct-a1")]
+    cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--endpoint") + 1] == "http://demo-m00-vllm.ml.svc:8000/v1"
+    for stage in ("self-instruct", "respond", "extend"):
+        world.complete(f"demo-i01-{stage}-a1")
+        world.settle()
+    assert world.status["phase"] == "ScalingDown"
+    assert world.objects[("Deployment", "demo-m00-vllm-a1")]["spec"]["replicas"] == 0
+    world.objects[("Deployment", "demo-m00-vllm-a1")]["status"] = {"replicas": 1}  # a pod still terminating
+    for _ in range(3):
+        world.step()
+    assert "Job/demo-i01-build-sft-a1" not in world.created
+    world.scaled_to_zero("demo-m00-vllm-a1")
+    world.settle()
+    assert world.names("Deployment") == [] and world.status["phase"] == "Training"
+    assert "Job/demo-i01-build-sft-a1" in world.created
+
+
+@pytest.mark.parametrize("keep_status", [True, False], ids=["status-kept", "status-lost"])
+def test_restart_in_the_middle_of_every_stage_makes_no_duplicates(keep_status):
+    """An operator restart is a reconcile with no memory: from the status (or without it, from the children
+    and the store's markers alone) it must adopt what exists and never run a finished stage again."""
+    reference = World(make_run(spec(evaluate={"enabled": True})))
+    run_to_completion(reference)
+    steps = len([c for c in reference.created if c.startswith(("Job/", "Deployment/"))]) + 2
+    for restart_at in range(steps):
+        world = World(make_run(spec(evaluate={"enabled": True})))
+        count = 0
+
+        def restart(w):
+            nonlocal count
+            if count == restart_at:
+                if not keep_status:
+                    w.status = {}
+                w.settle()
+            count += 1
+
+        run_to_completion(world, before_each=restart)
+        assert world.status["phase"] == "Succeeded", restart_at
+        assert len(world.created) == len(set(world.created)), world.created
+        assert sorted(world.created) == sorted(reference.created), restart_at
+
+
+def test_a_job_lost_between_create_and_status_write_is_adopted():
+    world = World(make_run())
+    world.settle()
+    world.ready("demo-m00-vllm-a1")
+    before = dict(world.status)
+    world.step()  # creates self-instruct a1 ...
+    world.status = before  # ... but the status write was lost
+    plan = world.step()
+    assert [repr(a) for a in plan.actions] == []  # the Job found is adopted, not made again
+    assert current_child(world.status) == "demo-i01-self-instruct-a1"
+
+
+def test_stage_failing_once_is_retried_after_backoff():
+    world = World(make_run())
+    world.settle()
+    world.ready("demo-m00-vllm-a1")
+    world.settle()
+    world.fail("demo-i01-self-instruct-a1", "error: the inference server stayed unreachable for 300s")
+    plan = world.step()
+    rec = world.status["history"][0]["stages"]["self-instruct"]
+    assert rec["state"] == "Retrying" and rec["attempts"] == 1
+    assert rec["failures"][0]["reason"] == "BackoffLimitExceeded"
+    assert "stayed unreachable" in rec["failures"][0]["message"]
+    assert [e.reason for e in plan.events] == ["StageFailed"] and plan.events[0].type == "Warning"
+    assert plan.requeue_after == pytest.approx(30)
+    degraded = {c["type"]: c for c in world.status["conditions"]}["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "Retrying"
+    for _ in range(5):  # within the backoff: nothing
+        assert world.step(advance=5).actions == []
+    plan = world.step(advance=10)
+    assert [repr(a) for a in plan.actions] == ["create Job/demo-i01-self-instruct-a2"]
+    assert world.objects[("Job", "demo-i01-self-instruct-a1")]  # the failed attempt is kept for its logs
+    world.complete("demo-i01-self-instruct-a2")
+    world.settle()
+    rec = world.status["history"][0]["stages"]["self-instruct"]
+    assert rec["state"] == "Succeeded" and rec["attempts"] == 2 and len(rec["failures"]) == 1
+    degraded = {c["type"]: c for c in world.status["conditions"]}["Degraded"]
+    assert degraded["status"] == "False"
+    assert world.status["lastFailure"]["stage"] == "self-instruct"
+
+
+def test_stage_failing_always_fails_the_run_with_the_reason():
+    world = World(make_run(spec(retry={"maxAttempts": 2, "backoffSeconds": 10})))
+    world.settle()
+    world.ready("demo-m00-vllm-a1")
+    world.settle()
+    world.fail("demo-i01-self-instruct-a1")
+    world.step()
+    world.step(advance=11)
+    world.fail("demo-i01-self-instruct-a2", "error: stage self-instruct: no instruction accepted in 40 tries")
+    plan = world.step()
+    st = world.status
+    assert st["phase"] == "Failed"
+    assert st["lastFailure"]["reason"] == "BackoffLimitExceeded" and st["lastFailure"]["attempt"] == 2
+    assert "no instruction accepted" in st["lastFailure"]["message"]
+    ready = {c["type"]: c for c in st["conditions"]}["Ready"]
+    assert ready["status"] == "False" and ready["reason"] == "BackoffLimitExceeded"
+    assert "iteration 1: self-instruct failed after 2 attempt(s)" in ready["message"]
+    assert "no instruction accepted" in ready["message"]
+    failed = [e for e in plan.events if e.reason == "RunFailed"]
+    assert failed and failed[0].type == "Warning" and "no instruction accepted" in failed[0].message
+    assert "delete Deployment/demo-m00-vllm-a1" in [repr(a) for a in plan.actions]  # GPUs freed
+    world.settle()
+    assert world.names("Deployment") == []
+    assert world.step(advance=3600).actions == []  # stays failed, nothing more started
+
+
+def test_per_stage_attempt_limit():
+    world = World(make_run(spec(retry={"maxAttempts": 3, "stages": {"self-instruct": 1}})))
+    world.settle()
+    world.ready("demo-m00-vllm-a1")
+    world.settle()
+    world.fail("demo-i01-self-instruct-a1")
+    world.step()
+    assert world.status["phase"] == "Failed"
+
+
+def test_vllm_never_healthy_times_out_with_the_pods_last_state():
+    world = World(make_run(spec(inference={"startupTimeoutSeconds": 120}, retry={"maxAttempts": 2})))
+    world.settle()
+    world.pods.append({"metadata": {"name": "demo-m00-vllm-a1-7d9f", "labels": {
+        "app.kubernetes.io/component": "inference", "selflengthen.io/model": "0", "selflengthen.io/attempt": "1"}},
+        "status": {"phase": "Running", "containerStatuses": [{
+            "name": "vllm", "restartCount": 3,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting"}},
+            "lastState": {"terminated": {"reason": "Error", "exitCode": 1,
+                                         "message": "torch.OutOfMemoryError: CUDA out of memory"}}}]}})
+    plan = world.step(advance=60)
+    assert plan.actions == [] and plan.requeue_after == pytest.approx(59)
+    plan = world.step(advance=61)
+    rec = world.status["history"][0]["stages"]["serving"]
+    assert rec["state"] == "Retrying"
+    message = rec["failures"][0]["message"]
+    assert rec["failures"][0]["reason"] == "StartupTimeout"
+    assert "vLLM not healthy after 120s (0/1 ready)" in message
+    assert "CrashLoopBackOff" in message and "CUDA out of memory" in message and "3 restarts" in message
+    assert "delete Deployment/demo-m00-vllm-a1" in [repr(a) for a in plan.actions]
+    world.step(advance=31)
+    assert "Deployment/demo-m00-vllm-a2" in world.created
+    assert world.status["phase"] == "Serving"
+    world.step(advance=121)
+    st = world.status
+    assert st["phase"] == "Failed" and st["lastFailure"]["reason"] == "StartupTimeout"
+    assert "no pod was created" in st["lastFailure"]["message"]
+    assert world.names("Deployment") == []
+
+
+def test_suspend_and_resume():
+    run = make_run()
+    world = World(run)
+    world.settle()
+    world.ready("demo-m00-vllm-a1")
+    world.settle()
+    world.run = make_run(spec(suspend=True))
+    plan = world.step()
+    assert sorted(repr(a) for a in plan.actions) == [
+        "patch Deployment/demo-m00-vllm-a1", "patch Job/demo-i01-self-instruct-a1"]
+    assert world.objects[("Job", "demo-i01-self-instruct-a1")]["spec"]["suspend"] is True
+    assert world.objects[("Deployment", "demo-m00-vllm-a1")]["spec"]["replicas"] == 0
+    assert world.status["phase"] == "Suspended" and [e.reason for e in plan.events] == ["Suspended"]
+    world.scaled_to_zero("demo-m00-vllm-a1")
+    assert world.step(advance=3600).actions == []  # no new work while suspended
+    world.run = run
+    plan = world.step()
+    assert [repr(a) for a in plan.actions] == ["patch Deployment/demo-m00-vllm-a1"]
+    assert world.status["phase"] == "Serving"
+    world.ready("demo-m00-vllm-a1")
+    plan = world.step()
+    assert [repr(a) for a in plan.actions] == ["patch Job/demo-i01-self-instruct-a1"]
+    assert world.objects[("Job", "demo-i01-self-instruct-a1")]["spec"]["suspend"] is False
+    assert world.status["phase"] == "Generating"
+    assert stage_jobs(world) == ["Job/demo-i01-self-instruct-a1"]
+
+
+def test_kueue_jobs_start_suspended_and_are_left_to_kueue():
+    world = World(make_run(spec(scheduling={"queueName": "gpus"})))
+    world.settle()
+    world.ready("demo-m00-vllm-a1")
+    world.settle()
+    job = world.objects[("Job", "demo-i01-self-instruct-a1")]
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    assert world.settle().actions == []
+
+
+def test_more_iterations_after_success_continue_the_run():
+    world = World(make_run(spec(iterations=1)))
+    run_to_completion(world)
+    assert world.status["phase"] == "Succeeded"
+    world.run = make_run(spec(iterations=2))
+    plan = world.step()
+    assert world.status["phase"] == "Serving" and world.status["progress"] == "2/2"
+    assert "Resumed" in [e.reason for e in plan.events]
+    run_to_completion(world)
+    assert world.status["phase"] == "Succeeded"
+    assert "Job/demo-i02-train-extender-a1" in world.created
+
+
+def test_retention_delete_removes_finished_jobs():
+    world = World(make_run(spec(iterations=1, retention={"jobs": "Delete"})))
+    run_to_completion(world)
+    world.settle()
+    assert world.names("Job") == [] and world.names("ConfigMap") == ["demo-config"]
+
+
+def test_config_map_follows_mutable_configuration():
+    world = World(make_run())
+    world.settle()
+    world.run = make_run(spec(client={"concurrency": 8}))
+    plan = world.step()
+    assert [repr(a) for a in plan.actions] == ["patch ConfigMap/demo-config"]
+    assert "concurrency: 8" in world.objects[("ConfigMap", "demo-config")]["data"]["config.yaml"]
+
+
+def test_invalid_spec_fails_with_the_reason_once():
+    now = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
+    plan = invalid_spec({}, 3, "invalid SelfLengthenRun spec:\n  spec.storage.uri: must be s3://", now)
+    assert plan.status["phase"] == "Failed" and plan.status["observedGeneration"] == 3
+    assert plan.status["lastFailure"]["reason"] == "InvalidSpec"
+    assert [e.reason for e in plan.events] == ["InvalidSpec"]
+    again = invalid_spec(plan.status, 3, "invalid SelfLengthenRun spec:\n  spec.storage.uri: must be s3://", now)
+    assert again.events == []
+
+
+def test_no_secret_values_reach_status_or_events():
+    world = World(make_run())
+    run_to_completion(world)
+    text = repr(world.status) + repr(world.events)
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "secretKeyRef" not in text
+    assert play_cluster is not None

@@ -1,0 +1,197 @@
+"""Children of a run: valid for the Kubernetes 1.37 schemas (strict), named deterministically within limits,
+labelled and owned, running the real `selflengthen stage` command line, and holding no secret values."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kube_fixtures import make_run, spec
+from selflengthen.cli import build_parser
+from selflengthen.operator import resources as r
+from selflengthen.operator.spec import ALL_STAGES, DATA_STAGES, MAX_RUN_NAME, TRAIN_STAGES
+from selflengthen.pipeline.config import parse_config
+from selflengthen.pipeline.stages import STAGES
+
+K8S = "1.37.0"
+
+VARIANTS = {
+    "default": spec(),
+    "multi-node": spec(training={"nodes": 4, "processesPerNode": 8}, inference={"tensorParallelSize": 4}),
+    "one-node-multi-gpu": spec(training={"processesPerNode": 8}),
+    "kueue-and-scheduling": spec(scheduling={
+        "queueName": "gpu-queue", "nodeSelector": {"nvidia.com/gpu.product": "H100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "batch", "serviceAccountName": "runner", "imagePullSecrets": ["regcred"]}),
+    "hf-token-and-cache": spec(inference={"hfTokenSecret": {"name": "hf", "key": "token"},
+                                          "modelCacheClaim": "hf-cache", "maxModelLen": 32768,
+                                          "extraArgs": ["--enable-prefix-caching"]}),
+    "full-one-iteration": spec(iterations=1, training={"mode": "full"}),
+    "no-secret": {**spec(), "storage": {"uri": "s3://bucket-x/p", "endpointUrl": "http://minio.minio:9000"}},
+}
+
+
+def children(run: r.Run) -> list[dict]:
+    out = [r.config_map(run), r.serving_service(run, 0), r.serving_deployment(run, 0, 1),
+           r.serving_deployment(run, 1, 2)]
+    for stage in DATA_STAGES:
+        out.append(r.stage_job(run, 1, stage, 1, endpoint_url=r.endpoint(run, 0)))
+    out.append(r.stage_job(run, 1, "build-sft", 1))
+    out.append(r.stage_job(run, 1, "evaluate", 3, endpoint_url=r.endpoint(run, 1)))
+    for stage in TRAIN_STAGES[1:]:
+        out.append(r.training_job(run, 1, stage, 9))
+        out.append(r.training_service(run, 1, stage, 9))
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_children_pass_strict_schema_validation(variant):
+    run = make_run(VARIANTS[variant])
+    for obj in children(run):
+        kubernetes_validate.validate(obj, K8S, strict=True)
+
+
+def test_names_are_deterministic_and_fit_kubernetes_limits():
+    run = make_run(name="a" + "b" * (MAX_RUN_NAME - 1))
+    for obj in children(run):
+        name = obj["metadata"]["name"]
+        assert len(name) <= 63, name
+        if obj["kind"] == "Job" and obj["spec"].get("completionMode") == "Indexed":
+            assert len(f"{name}-127") <= 63  # pod hostnames <job>-<index>
+    assert r.job_name("demo", 2, "train-generator", 3) == "demo-i02-train-generator-a3"
+    assert r.deployment_name("demo", 1, 2) == "demo-m01-vllm-a2"
+    assert r.serving_name("demo", 0) == "demo-m00-vllm"
+
+
+def test_labels_and_owner_references():
+    run = make_run()
+    for obj in children(run):
+        labels = obj["metadata"]["labels"]
+        assert labels["selflengthen.io/run"] == "demo"
+        assert labels["app.kubernetes.io/managed-by"] == "selflengthen-operator"
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner == {"apiVersion": "selflengthen.io/v1alpha1", "kind": "SelfLengthenRun", "name": "demo",
+                         "uid": "uid-demo", "controller": True, "blockOwnerDeletion": True}
+        if obj["kind"] in ("Job", "Deployment"):
+            template = obj["spec"]["template"]["metadata"]["labels"]
+            assert template["selflengthen.io/run"] == "demo"
+            if obj["kind"] == "Deployment":
+                assert obj["spec"]["selector"]["matchLabels"].items() <= template.items()
+
+
+def _stage_args(job: dict) -> list[str]:
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    return command[command.index("selflengthen") + 1:]
+
+
+def test_jobs_run_the_real_stage_command_with_the_mounted_config():
+    run = make_run(spec(training={"nodes": 2}))
+    parser = build_parser()
+    for obj in children(run):
+        if obj["kind"] != "Job":
+            continue
+        args = parser.parse_args(_stage_args(obj))
+        assert args.command == "stage" and args.config == r.CONFIG_FILE and args.iteration == 1
+        assert args.name in STAGES
+        stage = obj["metadata"]["labels"]["selflengthen.io/stage"]
+        assert args.name == stage
+        assert bool(args.endpoint) == (stage in DATA_STAGES or stage == "evaluate")
+        mounts = {m["mountPath"]: m["name"] for m in obj["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts[r.CONFIG_DIR] == "config"
+        assert obj["spec"]["backoffLimit"] == 0
+        assert obj["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_operator_stage_names_exist_in_the_pipeline():
+    assert set(ALL_STAGES) <= set(STAGES)
+
+
+def test_config_map_round_trips_to_the_same_run_configuration():
+    run = make_run()
+    cm = r.config_map(run)
+    loaded = parse_config(yaml.safe_load(cm["data"]["config.yaml"]))
+    assert loaded == run.config
+    assert loaded.name == "demo" and loaded.models.endpoint is None
+    assert cm["metadata"]["annotations"][r.CONFIG_HASH] == r.config_hash(run)
+
+
+def test_credentials_only_as_secret_references():
+    run = make_run(spec(inference={"hfTokenSecret": {"name": "hf", "key": "token"}}))
+    text = json.dumps(children(run))
+    for obj in children(run):
+        pod = obj.get("spec", {}).get("template", {}).get("spec")
+        if not pod:
+            continue
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            for env in c["env"]:
+                if env["name"] in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"):
+                    assert "value" not in env and "secretKeyRef" in env["valueFrom"]
+            assert not any(a.startswith(("sh", "bash")) for a in c["command"][:1])  # no shell strings
+    assert "s3-credentials" in text
+
+
+def test_vllm_deployment_serving_base_then_adapters():
+    run = make_run()
+    base = r.serving_deployment(run, 0, 1)
+    pod = base["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"][:3] == ["vllm", "serve", "Qwen/Qwen2-7B-Instruct"]
+    args = c["command"]
+    assert args[args.index("--served-model-name") + 1: args.index("--served-model-name") + 3] == [
+        "generator", "extender"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health"
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 600
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod["volumes"]
+    assert "initContainers" not in pod
+    assert base["spec"]["strategy"] == {"type": "Recreate"}
+
+    tuned = r.serving_deployment(run, 1, 1)
+    pod = tuned["spec"]["template"]["spec"]
+    args = pod["containers"][0]["command"]
+    assert "--enable-lora" in args
+    i = args.index("--lora-modules")
+    assert args[i + 1: i + 3] == ["generator=/adapters/generator", "extender=/adapters/extender"]
+    assert args[args.index("--max-lora-rank") + 1] == "8"  # training.lora.rank 8
+    (init,) = pod["initContainers"]
+    assert init["command"][:3] == ["python", "-m", "selflengthen.operator.fetch"]
+    assert "demo/iter-01/train-generator/model=/adapters/generator" in init["command"]
+    assert "demo/iter-01/train-extender/model=/adapters/extender" in init["command"]
+
+
+def test_multi_node_training_is_an_indexed_job_with_torchrun_rendezvous():
+    run = make_run(spec(training={"nodes": 4, "processesPerNode": 8}))
+    job = r.training_job(run, 2, "train-extender", 1)
+    svc = r.training_service(run, 2, "train-extender", 1)
+    name = "demo-i02-train-extender-a1"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == name == svc["metadata"]["name"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
+    c = pod["containers"][0]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+    assert env["MASTER_ADDR"] == f"{name}-0.{name}.ml.svc"
+    assert env["NNODES"] == "4" and env["NPROC_PER_NODE"] == "8"
+    assert "job-completion-index" in env["NODE_RANK"]["fieldRef"]["fieldPath"]
+    assert c["command"][0] == "torchrun" and c["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+
+def test_fetch_helper_copies_trained_trees(tmp_path):
+    from selflengthen.operator.fetch import main
+    from selflengthen.pipeline.store import open_store
+    from selflengthen.pipeline.treestore import upload_tree
+
+    src = tmp_path / "adapter"
+    src.mkdir()
+    (src / "adapter_config.json").write_text("{}")
+    store = open_store(f"file://{tmp_path / 'store'}")
+    upload_tree(store, src, "demo/iter-01/train-generator/model")
+    dest = tmp_path / "out" / "generator"
+    assert main(["--storage", store.uri, f"demo/iter-01/train-generator/model={dest}"]) == 0
+    assert (dest / "adapter_config.json").read_text() == "{}"
+    assert main(["--storage", store.uri, f"demo/iter-01/train-extender/model={tmp_path / 'x'}"]) == 1
