@@ -1,0 +1,101 @@
+"""Smoke tests of bench/: every benchmark runs at a tiny size and produces its table rows. No timing assertions
+(the numbers live in bench/results/ with the machine they ran on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # last: the repository's operator/ must not shadow the standard library
+
+from bench.common import Row, table  # noqa: E402
+from bench.sim_server import SimModel, generate  # noqa: E402
+
+ROW_KEYS = {"benchmark", "ours", "baseline", "ratio", "goal", "met", "unit", "status", "note", "details"}
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [result] = list(tmp_path.glob("*-quick.json"))
+    data = json.loads(result.read_text())
+    assert data["quick"] is True and data["machine"]["cores"] >= 1 and data["machine"]["cpuModel"]
+    assert not (tmp_path / "latest.md").exists(), "a quick run must not replace the latest full results"
+    return proc, data["rows"]
+
+
+def measured(rows: list[dict], prefix: str) -> list[dict]:
+    found = [r for r in rows if r["benchmark"].startswith(prefix)]
+    assert found, f"no {prefix!r} rows in {[r['benchmark'] for r in rows]}"
+    for r in found:
+        assert set(r) == ROW_KEYS
+        assert r["status"] == "ok", r
+        assert r["ours"] is not None and r["baseline"] is not None and r["ours"] > 0 and r["baseline"] > 0, r
+        assert r["goal"]
+    return found
+
+
+def test_quick_run_prints_and_writes_every_table_row(tmp_path):
+    proc, rows = run_bench(tmp_path, "--skip", "vllm")
+    header = proc.stdout.splitlines()[0].split()
+    assert header == ["benchmark", "ours", "baseline", "ratio", "goal", "met?"]
+    for r in rows:
+        assert r["benchmark"] in proc.stdout
+
+    saturation = measured(rows, "saturation:")
+    assert len(saturation) == 2  # (a)/(c) tokens/s and (b)/(a) wall time
+    details = saturation[0]["details"]
+    for driver in ("ours", "reference"):
+        assert set(details[driver]["stages"]) == {"self-instruct", "respond", "extend"}
+        assert details[driver]["tokens"] > 0
+    assert details["ours"]["stages"]["extend"]["counts"]["accepted"] > 0  # the filters let a share through
+
+    scale = measured(rows, "scale:")
+    assert any("exponent" in r["benchmark"] for r in scale)
+    assert {r["benchmark"].split()[1] for r in scale if "RSS" in r["benchmark"]} == {"respond", "extend"}
+
+    for hook in ("training", "operator"):  # hooks for the parts still being built: pending, no numbers
+        pending = [r for r in rows if r["benchmark"].startswith(hook)]
+        assert pending and all(r["status"] == "pending" and r["ours"] is None for r in pending)
+
+
+def test_vllm_client_benchmark_against_the_simulated_server(tmp_path):
+    _, rows = run_bench(tmp_path, "--only", "vllm")
+    [row] = measured(rows, "simulated server (smoke)")
+    assert row["details"]["ours"][0]["tokens"] == row["details"]["theirs"][0]["tokens"] > 0  # same work
+
+
+@pytest.mark.vllm
+def test_vllm_client_benchmark_against_real_vllm(tmp_path, vllm_endpoint):
+    _, rows = run_bench(tmp_path, "--only", "vllm", "--vllm-endpoint", vllm_endpoint)
+    [row] = measured(rows, "real vLLM")
+    assert row["details"]["ours"][0]["tokens"] == row["details"]["theirs"][0]["tokens"] > 0
+
+
+def test_simulated_model_is_deterministic_and_saturates():
+    m = SimModel(peak_tokens_per_s=1000, saturation=8, curve=0.6)
+    assert [m.throughput(n) for n in (8, 9, 64)] == [1000, 1000, 1000]  # flat beyond saturation
+    assert all(m.throughput(n) < m.throughput(n + 1) for n in range(0, 8))  # rising up to it
+    body = {"model": "generator", "messages": [{"role": "user", "content": "Write an essay."}], "seed": 3,
+            "max_tokens": 4096}
+    assert generate(m, body, b"") == generate(m, dict(body), b"")
+    assert generate(m, body, b"") != generate(m, {**body, "seed": 4}, b"")
+    text, tokens, _, finish, kind = generate(m, {**body, "max_tokens": 5}, b"")
+    assert (tokens, finish, kind) == (5, "length", "respond") and len(text.split()) == 5
+
+
+def test_table_marks_goals_and_pending_rows():
+    rows = [Row("a", 2.0, 1.0, 2.0, ">= 1", True), Row("b", 0.5, 1.0, 0.5, ">= 1", False),
+            Row("c", None, None, None, "-", None, status="pending")]
+    lines = table(rows).splitlines()
+    assert lines[2].split()[-1] == "yes" and lines[3].split()[-1] == "NO" and lines[4].split()[-1] == "pending"
+    assert table(rows, markdown=True).startswith("| benchmark | ours | baseline | ratio | goal | met? |")
