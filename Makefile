@@ -38,3 +38,6 @@ test: install tools
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# make bench: the benchmarks (bench/), ratios against baselines measured in the same run
+include bench/Makefile.inc
