@@ -19,7 +19,8 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # No inf/NaN anywhere: an infinite deadline or backoff would mean waiting forever on a down server.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", allow_inf_nan=False)
 
 
 class Sampling(Model):
@@ -261,6 +262,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"cannot read run configuration {path}: {err.strerror}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"run configuration {path} is not valid YAML: {err}") from None
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise ConfigError(f"run configuration {path} is nested too deeply to be a run configuration") from None
     return parse_config(data if data is not None else {})
 
 
