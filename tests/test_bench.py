@@ -63,7 +63,14 @@ def test_quick_run_prints_and_writes_every_table_row(tmp_path):
     assert any("exponent" in r["benchmark"] for r in scale)
     assert {r["benchmark"].split()[1] for r in scale if "RSS" in r["benchmark"]} == {"respond", "extend"}
 
-    for hook in ("training", "operator"):  # hooks for the parts still being built: pending, no numbers
+    operator = measured(rows, "operator:")  # reconcile latency to first child and to first status, peak RSS
+    assert len(operator) == 3
+    for row in operator[:2]:
+        n = row["details"]["nLoad"]
+        assert len(row["details"]["loadSeconds"]) == n and len(row["details"]["singleSeconds"]) >= 1
+    assert operator[2]["details"]["rssBytes"]["peak"] >= operator[2]["details"]["rssBytes"]["idle"] > 0
+
+    for hook in ("training",):  # hooks for the parts still being built: pending, no numbers
         pending = [r for r in rows if r["benchmark"].startswith(hook)]
         assert pending and all(r["status"] == "pending" and r["ours"] is None for r in pending)
 
