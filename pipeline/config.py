@@ -192,6 +192,27 @@ class Training(Model):
     ddp_timeout_seconds: int = Field(7200, ge=60, description="Collective timeout (checkpoint uploads run inside)")
 
 
+class Judge(Model):
+    """An LLM judge that scores the quality of each LonGen answer from 1 to 10 (prompts/<lang>/quality_judge.txt)."""
+
+    enabled: bool = False
+    endpoint: str | None = Field(
+        None, description="Base URL of the judge's OpenAI-compatible server (empty: the stage's own endpoint)"
+    )
+    model: str = Field("judge", min_length=1, description="Model name of the judge at its endpoint")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable with the judge's API key (never the key itself)",
+    )
+    max_tokens: int = Field(64, ge=1, le=4096, description="Tokens of the judge's answer")
+    max_attempts: int = Field(2, ge=1, le=10, description="Asks per answer until the judge's score can be read")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_http(cls, value: str | None) -> str | None:
+        return Models._endpoint_is_http(value)
+
+
 class Evaluate(Model):
     """LonGen length-following evaluation of each iteration's Generator."""
 
@@ -201,6 +222,39 @@ class Evaluate(Model):
         None, description="Only items in these languages (empty: all)"
     )
     max_tokens: int | None = Field(None, ge=1, description="Overrides sampling.maxTokens for the answers")
+    judge: Judge = Field(default_factory=Judge)
+
+
+DEMAND_TYPES = ("about", "range", "above", "below")
+
+
+class Collect(Model):
+    """The method's optional last step: more (instruction, long response) pairs from the final Generator (and
+    Extender), each instruction given a length demand its response meets, exported as SFT data under <run>/collect/."""
+
+    enabled: bool = False
+    items: int = Field(256, ge=1, le=10_000_000, description="Instructions answered")
+    languages: list[Literal["en", "zh"]] | None = Field(None, description="Languages of the pairs (empty: the run's)")
+    source: Literal["self-instruct", "seeds"] = Field(
+        "self-instruct",
+        description="Instructions from the last iteration's self-instruct outputs (seeds where a language has none), "
+        "or the seed instructions only",
+    )
+    extend: bool = Field(True, description="Extend each answer once with the Extender")
+    demand_types: list[Literal["about", "range", "above", "below"]] = Field(
+        default_factory=lambda: list(DEMAND_TYPES), min_length=1, max_length=4,
+        description="Kinds of length demand added: around N, N-M, more than N, fewer than N words",
+    )
+    min_words: int = Field(10, ge=10, description="Answers shorter than this are dropped (too short for a demand)")
+    max_retries: int = Field(4, ge=1, le=100, description="Tries per answer until it passes the response checks")
+    max_tokens: int | None = Field(None, ge=1, description="Overrides sampling.maxTokens for the answers")
+
+    @field_validator("languages", "demand_types")
+    @classmethod
+    def _unique(cls, value: list[str] | None) -> list[str] | None:
+        if value and len(set(value)) != len(value):
+            raise ValueError("must not repeat an entry")
+        return value
 
 
 class RunConfig(Model):
@@ -222,6 +276,7 @@ class RunConfig(Model):
     build_sft: BuildSft = Field(default_factory=BuildSft)
     training: Training = Field(default_factory=Training)
     evaluate: Evaluate = Field(default_factory=Evaluate)
+    collect: Collect = Field(default_factory=Collect)
 
     @field_validator("languages")
     @classmethod

@@ -193,3 +193,47 @@ def select_items(rows: list[dict], count: int, languages: list[str] | None = Non
     if count >= len(pool):
         return pool
     return [pool[(i * len(pool)) // count] for i in range(count)]
+
+
+def _step(x: float) -> int:
+    """The largest 1, 2 or 5 times a power of ten that is at most x (1 below 1): round numbers for demands."""
+    step = 1
+    for power in range(12):
+        for mantissa in (1, 2, 5):
+            if mantissa * 10**power <= x:
+                step = mantissa * 10**power
+    return step
+
+
+def demand_holds(demand: LengthDemand, words: int) -> bool:
+    """The demand is literally true of `words` (more than N: > N, fewer than N: < N) and `words` lies in its
+    LonGen target window, so the pair teaches the demand and scores 1 on it."""
+    a, b = target_window(demand)
+    literal = {"about": True, "range": True, "above": words > demand.low, "below": words < demand.low}[demand.kind]
+    return literal and a <= words <= b
+
+
+def true_demand(words: int, kind: str) -> LengthDemand:
+    """A length demand of the given kind, in round numbers, that a response of `words` words meets (see
+    demand_holds): about N (N rounded to ~10%), N-M (bounds on a ~20% grid around it), more than N (N ~0.8 of
+    it), fewer than N (N ~1.25 of it). Needs 10 words or more, below which no round 'more than' is in window."""
+    if words < 10:
+        raise ValueError(f"words {words}: 10 or more wanted for a length demand")
+    fine = _step(words / 10)
+    if kind == "about":
+        demand = LengthDemand("about", float(round(words / fine) * fine))
+    elif kind == "range":
+        coarse = _step(words / 5)
+        low, high = (words // coarse) * coarse, -(-words // coarse) * coarse
+        if low == high:  # on the grid: one step above, so the count is not on both bounds
+            high += coarse
+        demand = LengthDemand("range", float(low), float(high))
+    elif kind == "above":
+        demand = LengthDemand("above", float(int(0.8 * words / fine) * fine))
+    elif kind == "below":
+        demand = LengthDemand("below", float(-(-int(1.25 * words) // fine) * fine))
+    else:
+        raise ValueError(f"length demand kind {kind!r}: one of {', '.join(KINDS)} wanted")
+    if not demand_holds(demand, words):  # the arithmetic above guarantees it; a cheap check that it stays so
+        raise AssertionError(f"length demand {demand} does not hold for {words} words")
+    return demand

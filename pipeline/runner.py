@@ -19,8 +19,9 @@ from tqdm import tqdm
 from .config import RunConfig, dump_config
 from .metrics import Metrics
 from .metrics import metrics as default_metrics
+from .report import read_markdown, refresh_report
 from .serving import VLLMServer
-from .stages import DATA_STAGES, StageContext, run_stage
+from .stages import DATA_STAGES, StageContext, StageError, run_stage
 from .store import Store, open_store
 from .tinymodel import resolve_model
 
@@ -28,20 +29,30 @@ log = logging.getLogger("selflengthen.runner")
 
 
 # Which served models a generating stage talks to. Data stages use the models of the previous iteration (the base
-# model in iteration 1); evaluate uses the Generator trained in this iteration. Other stages need no server.
+# model in iteration 1); evaluate and collect use the models trained in this iteration. Others need no server.
 STAGE_ROLES = {"self-instruct": ("generator",), "respond": ("generator",), "extend": ("extender",),
-               "evaluate": ("generator",)}
+               "evaluate": ("generator",), "collect": ("generator", "extender")}
+CURRENT_MODEL_STAGES = ("evaluate", "collect")
 TRAIN_STAGES = ("build-sft", "train-generator", "train-extender")
 
 
-def stages_of_iteration(config: RunConfig) -> tuple[str, ...]:
-    return DATA_STAGES + TRAIN_STAGES + (("evaluate",) if config.evaluate.enabled else ())
+def stages_of_iteration(config: RunConfig, iteration: int | None = None) -> tuple[str, ...]:
+    """The stages the local runner runs in an iteration; collect (when enabled) ends the last one."""
+    last = iteration == config.iterations and config.collect.enabled
+    return (DATA_STAGES + TRAIN_STAGES + (("evaluate",) if config.evaluate.enabled else ())
+            + (("collect",) if last else ()))
 
 
 def phase_of(stage: str) -> str:
-    if stage in DATA_STAGES:
+    if stage in DATA_STAGES or stage == "collect":
         return "Generating"
     return "Evaluating" if stage == "evaluate" else "Training"
+
+
+def roles_of(config: RunConfig, stage: str) -> tuple[str, ...]:
+    if stage == "collect" and not config.collect.extend:
+        return ("generator",)
+    return STAGE_ROLES[stage]
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,7 @@ def server_spec(config: RunConfig, store: Store, stage: str, iteration: int, wor
     from .training import fetch_trained_model
 
     models = config.models
-    model_iteration = iteration if stage == "evaluate" else iteration - 1
+    model_iteration = iteration if stage in CURRENT_MODEL_STAGES else iteration - 1
     if model_iteration == 0:
         return ServerSpec(resolve_model(models.base), (models.generator, models.extender))
     if config.training.mode == "lora":
@@ -69,9 +80,12 @@ def server_spec(config: RunConfig, store: Store, stage: str, iteration: int, wor
             for role in ("generator", "extender")
         )
         return ServerSpec(resolve_model(models.base), ("base",), adapters)
-    (role,) = STAGE_ROLES[stage]
-    trained = fetch_trained_model(config, store, model_iteration, role, workdir)
-    return ServerSpec(str(trained.path.resolve()), (getattr(models, role),))
+    roles = roles_of(config, stage)
+    if len(roles) > 1:
+        raise StageError(f"stage {stage} needs the Generator and the Extender at once, which one local server of "
+                         f"fully fine-tuned weights cannot serve: set collect.extend false, or models.endpoint")
+    trained = fetch_trained_model(config, store, model_iteration, roles[0], workdir)
+    return ServerSpec(str(trained.path.resolve()), (getattr(models, roles[0]),))
 
 
 class Progress:
@@ -157,10 +171,12 @@ def run_local(
     try:
         for iteration in range(1, config.iterations + 1):
             ctx = StageContext(config=config, iteration=iteration, store=store, progress=bars, metrics=metrics)
-            stages = stages_of_iteration(config)
+            stages = stages_of_iteration(config, iteration)
             results[iteration] = {s: ctx.artifacts(s).manifest() for s in stages if ctx.artifacts(s).done()}
             status.iteration(iteration, results[iteration])
             if len(results[iteration]) == len(stages):
+                if iteration == config.iterations:  # a finished run run again: its report, up to date
+                    report_iteration(store, config, iteration)
                 continue
             for stage in stages:
                 if stage in results[iteration]:
@@ -174,6 +190,7 @@ def run_local(
                 status.phase(phase_of(stage), iteration, stage)
                 results[iteration][stage] = status.attempt(stage, functools.partial(run_stage, stage, ctx))
                 status.iteration(iteration, results[iteration])
+            report_iteration(store, config, iteration)
         status.phase("Succeeded", config.iterations, None)
     except BaseException:
         status.phase("Failed", status.current, None)
@@ -210,10 +227,32 @@ class RunStatus:
         self.metrics.set_iteration(self.config.name, self.NAMESPACE, iteration, manifests)
 
 
+def report_iteration(store: Store, config: RunConfig, iteration: int) -> None:
+    """Write the iteration's report (pipeline/report.py) and log where it is, with its headline numbers."""
+    report = refresh_report(store, config, iteration)
+    if report is None:
+        return
+    ln, lg = report["lengths"], report["longen"] or {}
+    log.info("iteration %d report in %s: words initial %s -> extended %s (max %s), LonGen score %s",
+             iteration, f"{store.uri}/{config.name}/report/", ln["initialAverage"], ln["extendedAverage"],
+             ln["extendedMax"], lg.get("overall", "-"))
+
+
 def summary(config: RunConfig, results: dict[int, dict[str, dict]], store_uri: str) -> str:
-    """A short human summary: counts, acceptance per filter, words before and after extension, training, LonGen."""
-    lines = [f"run {config.name}: {len(results)} iteration(s), artifacts in {store_uri}/{config.name}"]
+    """What `selflengthen run` prints: each iteration's Markdown report (the one in the store), or a short
+    summary built from the manifests where a report could not be written."""
+    lines = [f"run {config.name}: {len(results)} iteration(s), artifacts in {store_uri}/{config.name}, "
+             f"reports in {store_uri}/{config.name}/report/"]
+    try:
+        store = open_store(config.storage.uri, config.storage.endpoint_url)
+        reports = {k: read_markdown(store, config, k) for k in results}
+    except Exception as err:  # the store went away after the run: fall back to the manifests in hand
+        log.warning("reports not read: %s", err)
+        reports = {}
     for iteration, stages in results.items():
+        if reports.get(iteration):
+            lines += ["", reports[iteration].rstrip()]
+            continue
         lines.append(f"iteration {iteration}:")
         for stage, manifest in stages.items():
             counts = manifest.get("counts", {})

@@ -37,7 +37,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     import json
 
-    from .pipeline.stages import StageContext, run_stage
+    from .pipeline.report import refresh_report
+    from .pipeline.stages import StageContext, is_main_process, run_stage
     from .pipeline.store import open_store
 
     config = _config(args)
@@ -50,6 +51,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
     store = open_store(config.storage.uri, config.storage.endpoint_url)
     ctx = StageContext(config=config, iteration=args.iteration, store=store, endpoint=config.models.endpoint)
     manifest = run_stage(args.name, ctx)
+    # The iteration's report, refreshed after every stage: the last Job of an iteration leaves it complete.
+    # stdout carries the manifest only (callers parse it); the report's keys go to the log.
+    if is_main_process() and (report := refresh_report(store, config, args.iteration)):
+        logging.getLogger("selflengthen.report").info("report of iteration %d: %s", args.iteration,
+                                                       ", ".join(f"{store.uri}/{k}" for k in report["keys"]))
     print(json.dumps(manifest, ensure_ascii=False, indent=2))
     return 0
 

@@ -42,3 +42,20 @@ def parse_judgement(answer: str) -> bool:
     """True for a yes (English or Chinese) at the start of the answer."""
     head = answer.strip().lower().lstrip("*\"'「“ ")
     return head.startswith(("yes", "是", "会", "对"))
+
+
+@cache
+def length_demands(lang: str) -> dict[str, tuple[Template, ...]]:
+    """The length-demand phrasings of a language (length_demands.txt: "type | template" lines), by type."""
+    if lang not in LANGUAGES:
+        raise ValueError(f"language {lang!r}: one of {', '.join(LANGUAGES)} wanted")
+    text = files(__package__).joinpath(lang, "length_demands.txt").read_text(encoding="utf-8")
+    found: dict[str, list[Template]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        kind, sep, phrasing = line.partition("|")
+        if not sep or not phrasing.strip():
+            raise ValueError(f"{lang}/length_demands.txt line {number}: 'type | template' wanted")
+        found.setdefault(kind.strip(), []).append(Template(phrasing.strip().replace("\\n", "\n")))
+    return {kind: tuple(templates) for kind, templates in found.items()}

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..artifacts import StageArtifacts
+from ..artifacts import StageArtifacts, check_run_name
 from ..config import RunConfig
 from ..metrics import Metrics
 from ..metrics import metrics as default_metrics
@@ -30,7 +30,10 @@ STAGES: dict[str, str] = {
     "train-generator": "train_generator",
     "train-extender": "train_extender",
     "evaluate": "evaluate",
+    "collect": "collect",  # optional, after the last iteration (not a stage of every iteration)
 }
+# Stages of the whole run rather than of one iteration: their artifacts live under <run>/<stage>/.
+RUN_STAGES = ("collect",)
 
 log = logging.getLogger("selflengthen.stage")
 
@@ -38,6 +41,15 @@ log = logging.getLogger("selflengthen.stage")
 def is_main_process() -> bool:
     """Rank 0 of a torchrun/accelerate launch, or a process launched alone."""
     return os.environ.get("RANK", "0") == "0"
+
+
+class RunArtifacts(StageArtifacts):
+    """The artifacts of a run-level stage (RUN_STAGES): <run>/<stage>/..., the same files and rules as a stage of
+    an iteration; `iteration` is the one whose models made them."""
+
+    def __init__(self, store: Store, run: str, iteration: int, stage: str):
+        super().__init__(store, run, iteration, stage)
+        self.prefix = f"{check_run_name(run)}/{stage}"
 
 
 class StageError(RuntimeError):
@@ -56,7 +68,8 @@ class StageContext:
     metrics: Metrics = field(default_factory=default_metrics, repr=False)
 
     def artifacts(self, stage: str, iteration: int | None = None) -> StageArtifacts:
-        return StageArtifacts(self.store, self.config.name, iteration or self.iteration, stage)
+        kind = RunArtifacts if stage.split("/", 1)[0] in RUN_STAGES else StageArtifacts
+        return kind(self.store, self.config.name, iteration or self.iteration, stage)
 
     def seed(self, *parts: object) -> int:
         """A stable seed for (run seed, iteration, parts...): reruns draw the same numbers."""

@@ -1,0 +1,310 @@
+"""The report of a macro-iteration, built from the stage manifests in the store only (so any orchestrator, or a
+later reader, makes the same one):
+
+    <run>/report/iter-KK.json   counts and acceptance per stage, words of initial vs extended responses, training
+                                loss, LonGen scores (and judge quality), collect; lengths of iterations 1..K
+    <run>/report/iter-KK.md     the same as Markdown (what `selflengthen run` prints)
+    <run>/report/lengths.png    response length per iteration, 1..K (matplotlib, when installed)
+
+The local runner writes it after each iteration; `selflengthen stage` after every stage it runs, so on a cluster
+the last Job of an iteration leaves the complete report. matplotlib is imported only to draw the plot: the
+operator image, which lacks it, imports this module fine and skips the PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+
+from .artifacts import StageArtifacts, check_run_name
+from .config import RunConfig
+from .stages import RUN_STAGES, STAGES, RunArtifacts
+from .store import Store, write_json
+
+log = logging.getLogger("selflengthen.report")
+
+ITERATION_STAGES = tuple(s for s in STAGES if s not in RUN_STAGES)
+PLOT = "lengths.png"
+# The plotted series: (key in a history row, legend label, line style: a colour per kind of response, solid for
+# averages, dotted for maxima).
+SERIES = (
+    ("initialAverage", "initial responses, average", "C0-"),
+    ("extendedAverage", "extended responses, average", "C1-"),
+    ("initialMax", "initial responses, max", "C0:"),
+    ("extendedMax", "extended responses, max", "C1:"),
+    ("longenAverage", "LonGen answers, average", "C2--"),
+)
+
+
+def report_key(run: str, name: str) -> str:
+    return f"{check_run_name(run)}/report/{name}"
+
+
+def expected_stages(config: RunConfig) -> tuple[str, ...]:
+    return tuple(s for s in ITERATION_STAGES if s != "evaluate" or config.evaluate.enabled)
+
+
+def iteration_manifests(store: Store, config: RunConfig, iteration: int) -> dict[str, dict]:
+    """The manifests of the iteration's finished stages, in iteration order."""
+    found = {}
+    for stage in ITERATION_STAGES:
+        artifacts = StageArtifacts(store, config.name, iteration, stage)
+        if artifacts.done():
+            found[stage] = artifacts.manifest()
+    return found
+
+
+def collect_manifest(store: Store, config: RunConfig, iteration: int) -> dict | None:
+    """The collect stage's manifest when it ran on this iteration's models."""
+    artifacts = RunArtifacts(store, config.name, iteration, "collect")
+    if not artifacts.done():
+        return None
+    manifest = artifacts.manifest()
+    return manifest if manifest.get("iteration") == iteration and manifest.get("enabled", True) else None
+
+
+def _rate(accepted: object, requested: object) -> float | None:
+    if isinstance(accepted, int | float) and isinstance(requested, int | float) and requested:
+        return round(accepted / requested, 4)
+    return None
+
+
+def stage_row(manifest: dict) -> dict:
+    counts = manifest.get("counts") or {}
+    requested, accepted = counts.get("requested"), counts.get("accepted")
+    return {"requested": requested, "accepted": accepted, "acceptance": _rate(accepted, requested),
+            "requests": counts.get("requests"), "rejected": dict(counts.get("rejected") or {}),
+            "durationSeconds": manifest.get("durationSeconds")}
+
+
+def lengths_of(manifests: dict[str, dict]) -> dict:
+    """Words of the initial responses (respond) and of the extended ones (extend), and of the LonGen answers."""
+    respond, extend, evaluate = (manifests.get(s) or {} for s in ("respond", "extend", "evaluate"))
+    return {
+        "initialAverage": respond.get("averageWords"),
+        "initialMax": respond.get("maxWords"),
+        "extendedAverage": extend.get("averageWords"),
+        "extendedMax": extend.get("maxWords"),
+        # the initial responses that were extended (drop-short keeps a different subset of them)
+        "extendedFromAverage": extend.get("averageWordsInitial"),
+        "growth": extend.get("growth"),
+        "longenAverage": evaluate.get("averageWords") if evaluate.get("enabled", True) else None,
+        "longenScore": ((evaluate.get("scores") or {}).get("overall")) if evaluate.get("enabled", True) else None,
+    }
+
+
+def build_report(store: Store, config: RunConfig, iteration: int, *, history_to: int | None = None) -> dict:
+    """The report of one iteration (a JSON document); history covers iterations 1..history_to (default: this
+    one), stopping at the first iteration that has not started."""
+    manifests = iteration_manifests(store, config, iteration)
+    history = []
+    for k in range(1, (history_to or iteration) + 1):
+        found = manifests if k == iteration else iteration_manifests(store, config, k)
+        if not found:
+            break
+        history.append({"iteration": k, **lengths_of(found)})
+    training = {}
+    for stage in ("train-generator", "train-extender"):
+        m = manifests.get(stage)
+        if m:
+            training[stage.removeprefix("train-")] = {
+                "mode": m.get("mode"), "steps": m.get("steps"), "examples": (m.get("counts") or {}).get("accepted"),
+                "firstLoss": m.get("firstLoss"), "finalLoss": m.get("finalLoss"), "trainSeconds": m.get("trainSeconds"),
+            }
+    evaluate = manifests.get("evaluate")
+    longen = None
+    if evaluate and evaluate.get("enabled", True):
+        scores = evaluate.get("scores") or {}
+        longen = {"model": evaluate.get("model"), "items": (evaluate.get("counts") or {}).get("accepted"),
+                  "overall": scores.get("overall"), "byType": scores.get("byType") or {},
+                  "byLanguage": scores.get("byLanguage") or {}, "averageWords": evaluate.get("averageWords"),
+                  "maxWords": evaluate.get("maxWords"), "quality": evaluate.get("quality")}
+    collect = collect_manifest(store, config, iteration)
+    stages = {s: stage_row(m) for s, m in manifests.items()}
+    if collect:
+        stages["collect"] = stage_row(collect)
+    expected = expected_stages(config)
+    return {
+        "run": config.name,
+        "iteration": iteration,
+        "iterations": config.iterations,
+        "complete": all(s in manifests for s in expected),
+        "pending": [s for s in expected if s not in manifests],
+        "stages": stages,
+        "lengths": lengths_of(manifests),
+        "training": training,
+        "longen": longen,
+        "collect": None if collect is None else {
+            "requested": (collect.get("counts") or {}).get("requested"),
+            "accepted": (collect.get("counts") or {}).get("accepted"),
+            "extended": (collect.get("counts") or {}).get("extended"),
+            "byType": collect.get("byType") or {}, "byLanguage": collect.get("byLanguage") or {},
+            "averageWordsInitial": collect.get("averageWordsInitial"), "averageWords": collect.get("averageWords"),
+            "maxWords": collect.get("maxWords"), "output": collect.get("output"),
+        },
+        "history": history,
+    }
+
+
+# -- Markdown ---------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: object, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "-" if not math.isfinite(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def render_markdown(report: dict) -> str:
+    k, n = report["iteration"], report["iterations"]
+    lines = [f"# Run {report['run']}: iteration {k} of {n}"
+             + ("" if report["complete"] else f" (in progress: {', '.join(report['pending'])} to do)"), ""]
+    lines += ["| stage | requested | accepted | acceptance | requests | rejected tries | seconds |",
+              "|---|---:|---:|---:|---:|---|---:|"]
+    for stage, row in report["stages"].items():
+        rejected = ", ".join(f"{r} {c}" for r, c in sorted(row["rejected"].items())) or "-"
+        lines.append(f"| {stage} | {_fmt(row['requested'])} | {_fmt(row['accepted'])} | {_pct(row['acceptance'])} "
+                     f"| {_fmt(row['requests'])} | {rejected} | {_fmt(row['durationSeconds'])} |")
+    ln = report["lengths"]
+    lines += ["", "## Response length (words)", "", "| responses | average | max |", "|---|---:|---:|",
+              f"| initial | {_fmt(ln['initialAverage'])} | {_fmt(ln['initialMax'])} |",
+              f"| extended | {_fmt(ln['extendedAverage'])} | {_fmt(ln['extendedMax'])} |"]
+    if ln["growth"] is not None:
+        lines += ["", f"Extension grew the responses it kept {ln['growth']:.2f}x "
+                      f"({_fmt(ln['extendedFromAverage'])} -> {_fmt(ln['extendedAverage'])} words on average)."]
+    if report["training"]:
+        lines += ["", "## Training", "", "| model | mode | steps | examples | loss first -> final | seconds |",
+                  "|---|---|---:|---:|---|---:|"]
+        for role, t in report["training"].items():
+            lines.append(f"| {role} | {_fmt(t['mode'])} | {_fmt(t['steps'])} | {_fmt(t['examples'])} "
+                         f"| {_fmt(t['firstLoss'], 3)} -> {_fmt(t['finalLoss'], 3)} | {_fmt(t['trainSeconds'])} |")
+    lg = report["longen"]
+    if lg:
+        by_type = ", ".join(f"{t} {_fmt(v, 3)}" for t, v in lg["byType"].items()) or "-"
+        lines += ["", "## LonGen", "", f"Length-following score **{_fmt(lg['overall'], 3)}** on {_fmt(lg['items'])} "
+                  f"items (by type: {by_type}); answers average {_fmt(lg['averageWords'])} words, max "
+                  f"{_fmt(lg['maxWords'])}."]
+        q = lg.get("quality")
+        if q:
+            lines.append("")
+            lines.append(f"Judge quality ({q['model']}): mean **{_fmt(q['mean'], 2)}** / 10 on {q['scored']} answers"
+                         + (f" ({q['unparsed']} without a readable score)." if q["unparsed"] else "."))
+    c = report["collect"]
+    if c:
+        types = ", ".join(f"{t} {v}" for t, v in sorted(c["byType"].items())) or "-"
+        lines += ["", "## Collect", "", f"{_fmt(c['accepted'])} of {_fmt(c['requested'])} pairs kept "
+                  f"({_fmt(c['extended'])} extended), average {_fmt(c['averageWords'])} words, max "
+                  f"{_fmt(c['maxWords'])}; length demands: {types}. SFT data: `{c['output']}`."]
+    lines += ["", "## Lengths per iteration (words)", "",
+              "| iteration | initial avg | initial max | extended avg | extended max | LonGen avg | LonGen score |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for h in report["history"]:
+        lines.append(f"| {h['iteration']} | {_fmt(h['initialAverage'])} | {_fmt(h['initialMax'])} "
+                     f"| {_fmt(h['extendedAverage'])} | {_fmt(h['extendedMax'])} | {_fmt(h['longenAverage'])} "
+                     f"| {_fmt(h['longenScore'], 3)} |")
+    if report.get("plot"):
+        lines += ["", f"![Response length per iteration]({PLOT})"]
+    return "\n".join(lines) + "\n"
+
+
+# -- plot -----------------------------------------------------------------------------------------------------
+
+
+def plot_series(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The points drawn: per series, (iteration, words) where the iteration has that value."""
+    return {key: [(h["iteration"], float(h[key])) for h in history if isinstance(h.get(key), int | float)]
+            for key, _, _ in SERIES}
+
+
+def length_figure(history: list[dict]):
+    """A matplotlib Figure (Agg canvas, no pyplot state) of response length per iteration."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, label, style in SERIES:
+        points = plot_series(history)[key]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label, gid=key)
+    iterations = [h["iteration"] for h in history]
+    ax.set_xticks(iterations or [1])
+    ax.set_xlabel("macro-iteration")
+    ax.set_ylabel("words")
+    ax.set_title("Response length per iteration")
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_png(history: list[dict]) -> bytes | None:
+    """The PNG of length_figure; None when matplotlib is not installed (the operator image)."""
+    try:
+        fig = length_figure(history)
+    except ImportError:
+        log.info("matplotlib is not installed: the report has no plot (pip install 'selflengthen[train]')")
+        return None
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    return out.getvalue()
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+
+
+def _last_started(store: Store, config: RunConfig, iteration: int) -> int:
+    """The last iteration with a finished stage, at least `iteration` (the plot covers all of them)."""
+    last = iteration
+    for k in range(iteration + 1, config.iterations + 1):
+        if not StageArtifacts(store, config.name, k, ITERATION_STAGES[0]).done():
+            break
+        last = k
+    return last
+
+
+def write_report(store: Store, config: RunConfig, iteration: int) -> dict:
+    """Write <run>/report/iter-KK.{json,md} and lengths.png; returns the report with `markdown` and the keys."""
+    report = build_report(store, config, iteration)
+    history = report["history"]
+    last = _last_started(store, config, iteration)
+    if last > iteration:  # a stage of an earlier iteration was rerun: the plot still covers every iteration
+        history = build_report(store, config, last)["history"]
+    png = plot_png(history)
+    report["plot"] = report_key(config.name, PLOT) if png is not None else None
+    name = f"iter-{iteration:02d}"
+    markdown = render_markdown(report)
+    write_json(store, report_key(config.name, f"{name}.json"), report)
+    store.write(report_key(config.name, f"{name}.md"), markdown.encode())
+    if png is not None:
+        store.write(report_key(config.name, PLOT), png)
+    return {**report, "markdown": markdown,
+            "keys": [report_key(config.name, f"{name}.{ext}") for ext in ("json", "md")]
+            + ([report["plot"]] if png is not None else [])}
+
+
+def refresh_report(store: Store, config: RunConfig, iteration: int) -> dict | None:
+    """write_report, but a report that cannot be written only logs a warning: it never fails the stage."""
+    try:
+        return write_report(store, config, iteration)
+    except Exception as err:  # the report is a by-product: the stage's own result stands
+        log.warning("report of iteration %d not written: %s: %s", iteration, type(err).__name__, err)
+        return None
+
+
+def read_markdown(store: Store, config: RunConfig, iteration: int) -> str | None:
+    key = report_key(config.name, f"iter-{iteration:02d}.md")
+    return store.read(key).decode() if store.exists(key) else None

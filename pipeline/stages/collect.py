@@ -1,0 +1,201 @@
+"""Collect, the method's optional last step (docs/algorithm.md): more (instruction, long response) pairs from the
+final models, each instruction given a length demand that its response meets, exported as SFT data.
+
+Run once, after the last iteration (`selflengthen stage collect --iteration N`, N = iterations): the Generator of
+iteration N answers collect.items instructions (the last iteration's self-instruct outputs, or the seeds), each
+answer retried until it passes the response checks and, with collect.extend, extended once by the Extender (one
+micro-iteration of the extend stage). Each kept answer of W words gets a demand of one of collect.demandTypes,
+its numbers derived from W so that it holds (longen.true_demand), phrased by a seeded pick among the templates in
+prompts/<lang>/length_demands.txt, and checked by parsing it back (longen.parse_length_demand).
+
+Layout: <run>/collect/work/part-*.jsonl (resume), <run>/collect/part-*.jsonl (rows {id, language, messages:
+[user, assistant], demand, words, extended}: the messages format of build-sft), manifest.json, _SUCCESS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+
+from .. import prompts
+from ..data import load_seed_instructions
+from ..longen import LengthDemand, parse_length_demand, true_demand
+from ..text import count_words
+from . import StageContext, StageError
+from .common import average, chunks, make_client, process_shards, reject_reason, tally
+from .extend import first_half, kept_part
+
+NAME = "collect"
+REQUIRES = ("train-generator", "train-extender")
+# A count of words in an instruction ("in 300 words", "a 2,000-word essay", "five hundred words", "三千字"): a
+# length of its own, which the added demand could contradict, even where it is no demand LonGen's parser reads.
+_OWN_LENGTH = re.compile(r"\d[\d,，]*\s*(?:k\b)?\s*-?\s*(?:words?\b|字)|(?:hundred|thousand)\s+words?\b"
+                         r"|[一二两三四五六七八九十百千万]+\s*字", re.I)
+
+
+def has_own_length(instruction: str) -> bool:
+    return _OWN_LENGTH.search(instruction) is not None or parse_length_demand(instruction) is not None
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
+
+
+def phrase_demand(ctx: StageContext, item_id: str, lang: str, instruction: str,
+                  demand: LengthDemand) -> str | None:
+    """The instruction with the demand written in, in a seeded pick of the language's phrasings; the first one
+    (from the pick on) that parses back to exactly this demand, so nothing in the instruction can change what it
+    says. None when none does."""
+    templates = prompts.length_demands(lang).get(demand.kind) or ()
+    start = ctx.seed(NAME, item_id, "phrasing") % max(1, len(templates))
+    values = {"instruction": instruction.strip(), "n": _number(demand.low),
+              "m": _number(demand.high) if demand.high is not None else ""}
+    for i in range(len(templates)):
+        text = templates[(start + i) % len(templates)].substitute(values)
+        if parse_length_demand(text) == demand:
+            return text
+    return None
+
+
+def instruction_pool(ctx: StageContext, lang: str) -> list[str]:
+    """The instructions of a language to answer, in a seeded order: the last iteration's self-instruct outputs
+    (collect.source self-instruct) or, where there are none, the seeds. Instructions that already demand a
+    length are left out: the added demand must be the only one."""
+    cfg = ctx.config
+    texts: list[str] = []
+    if cfg.collect.source == "self-instruct" and ctx.artifacts("self-instruct").done():
+        texts = [r["instruction"] for r in ctx.artifacts("self-instruct").read_outputs() if r["language"] == lang]
+    if not texts:
+        try:
+            texts = [r["prompt"] for r in load_seed_instructions(lang, cfg.self_instruct.seed_file)]
+        except ValueError as err:
+            raise StageError(f"{NAME}: {err} (selfInstruct.seedFile)") from None
+    unique = dict.fromkeys(t.strip() for t in texts if t.strip() and not has_own_length(t))
+    return sorted(unique, key=lambda t: ctx.seed(NAME, "order", lang, t))
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.config
+    if not cfg.collect.enabled:
+        return {"enabled": False, "counts": {"requested": 0, "accepted": 0}}
+    if ctx.iteration != cfg.iterations:
+        raise StageError(f"stage {NAME} runs after the last iteration: --iteration {cfg.iterations} wanted, "
+                         f"not {ctx.iteration}")
+    return asyncio.run(_run(ctx))
+
+
+async def _run(ctx: StageContext) -> dict:
+    cfg = ctx.config
+    col, ext = cfg.collect, cfg.extend
+    artifacts = ctx.artifacts(NAME)
+    languages = col.languages or cfg.languages
+    pools = {lang: instruction_pool(ctx, lang) for lang in languages}
+    empty = [lang for lang, pool in pools.items() if not pool]
+    if empty:
+        raise StageError(f"stage {NAME}: no instructions without a length demand in {', '.join(empty)} "
+                         f"(collect.languages, selfInstruct.seedFile)")
+    slots = []
+    for j in range(col.items):
+        lang = languages[j % len(languages)]
+        pool = pools[lang]
+        slots.append({"id": f"c{j:07d}", "language": lang, "instruction": pool[(j // len(languages)) % len(pool)]})
+
+    async with make_client(ctx, NAME) as client:
+
+        async def extend_once(item: dict, text: str, reject) -> str | None:
+            """One micro-iteration of the extend stage: the enriched first half, continued to the end."""
+            lang, instruction, seed = item["language"], item["instruction"], ctx.seed(NAME, item["id"], "extend")
+            former = await client.chat(
+                cfg.models.extender,
+                [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction,
+                                                            response=first_half(text))}],
+                cfg.sampling, max_tokens=ext.max_tokens, seed=seed)
+            prefix = kept_part(former.text, ext.keep_fraction)
+            if not prefix:
+                reject("extend-empty")
+                return None
+            latter = await client.chat(
+                cfg.models.extender,
+                [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction, response=text)},
+                 {"role": "assistant", "content": prefix}],
+                cfg.sampling, max_tokens=ext.max_tokens, continue_final=True, seed=seed + 1)
+            candidate = (prefix + latter.text).strip()
+            reason = reject_reason(ctx, candidate)
+            if reason is None and count_words(candidate) <= count_words(text):
+                reason = "no-growth"
+            if reason:
+                reject(f"extend-{reason}")
+                return None
+            return candidate
+
+        async def handle(item: dict) -> list[dict]:
+            rejections: dict[str, int] = {}
+            requests = 0
+
+            def reject(reason: str) -> None:
+                rejections[reason] = rejections.get(reason, 0) + 1
+
+            def failed() -> list[dict]:
+                return [{"id": None, "slotId": item["id"], "rejections": rejections, "requests": requests}]
+
+            response = None
+            for attempt in range(col.max_retries):
+                gen = await client.chat(
+                    cfg.models.generator, [{"role": "user", "content": item["instruction"]}], cfg.sampling,
+                    max_tokens=col.max_tokens, seed=ctx.seed(NAME, item["id"], attempt))
+                requests += 1
+                reason = reject_reason(ctx, gen.text)
+                if reason is None:
+                    response = gen.text.strip()
+                    break
+                reject(reason)
+            if response is None:
+                return failed()
+            initial_words = count_words(response)
+            extended = None
+            if col.extend:
+                extended = await extend_once(item, response, reject)
+                requests += 2
+            text = extended or response
+            words = count_words(text)
+            if words < col.min_words:
+                reject("short")
+                return failed()
+            kind = col.demand_types[ctx.seed(NAME, item["id"], "type") % len(col.demand_types)]
+            demand = true_demand(words, kind)
+            user = phrase_demand(ctx, item["id"], item["language"], item["instruction"], demand)
+            if user is None:
+                reject("demand")
+                return failed()
+            return [{"id": item["id"], "language": item["language"], "instruction": item["instruction"],
+                     "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": text}],
+                     "demand": {"type": demand.kind, "low": demand.low, "high": demand.high},
+                     "words": words, "initialWords": initial_words, "extended": extended is not None,
+                     "rejections": rejections, "requests": requests}]
+
+        await process_shards(ctx, artifacts, chunks(slots, cfg.storage.shard_size), handle, total=len(slots))
+
+    keys = ("id", "language", "messages", "demand", "words", "extended")
+    accepted = artifacts.write_outputs(({k: r[k] for k in keys} for r in artifacts.iter_work() if r["id"]),
+                                       cfg.storage.shard_size)
+    work = list(artifacts.iter_work())
+    kept = [r for r in work if r["id"]]
+    return {
+        "enabled": True,
+        "models": {"generator": cfg.models.generator, "extender": cfg.models.extender if col.extend else None},
+        "counts": {
+            "requested": len(slots),
+            "accepted": accepted,
+            "failed": len(slots) - accepted,
+            "extended": sum(1 for r in kept if r["extended"]),
+            "requests": sum(r["requests"] for r in work),
+            "rejected": dict(tally(work)),
+        },
+        "byType": dict(Counter(r["demand"]["type"] for r in kept)),
+        "byLanguage": dict(Counter(r["language"] for r in kept)),
+        "averageWordsInitial": average([r["initialWords"] for r in kept]),
+        "averageWords": average([r["words"] for r in kept]),
+        "maxWords": max((r["words"] for r in kept), default=0),
+        "output": f"{artifacts.prefix}/",
+    }
