@@ -143,6 +143,7 @@ def test_collect_exports_true_demands_in_sft_format(tmp_path, server):
     assert manifest["averageWords"] > manifest["averageWordsInitial"]
     # Generator answers, then the Extender: one micro-iteration (two requests) per answer.
     assert len(server.bodies("extender")) == 2 * len(server.bodies("generator"))
+    assert manifest["counts"]["requests"] == len(server.requests)
     # Done: run again, nothing asked.
     asked = len(server.requests)
     assert run_stage("collect", ctx) == manifest and len(server.requests) == asked

@@ -103,8 +103,9 @@ async def _run(ctx: StageContext) -> dict:
 
     async with make_client(ctx, NAME) as client:
 
-        async def extend_once(item: dict, text: str, reject) -> str | None:
-            """One micro-iteration of the extend stage: the enriched first half, continued to the end."""
+        async def extend_once(item: dict, text: str, reject) -> tuple[str | None, int]:
+            """One micro-iteration of the extend stage: the enriched first half, continued to the end. Returns
+            (the longer text or None, requests made)."""
             lang, instruction, seed = item["language"], item["instruction"], ctx.seed(NAME, item["id"], "extend")
             former = await client.chat(
                 cfg.models.extender,
@@ -114,7 +115,7 @@ async def _run(ctx: StageContext) -> dict:
             prefix = kept_part(former.text, ext.keep_fraction)
             if not prefix:
                 reject("extend-empty")
-                return None
+                return None, 1
             latter = await client.chat(
                 cfg.models.extender,
                 [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction, response=text)},
@@ -126,8 +127,8 @@ async def _run(ctx: StageContext) -> dict:
                 reason = "no-growth"
             if reason:
                 reject(f"extend-{reason}")
-                return None
-            return candidate
+                return None, 2
+            return candidate, 2
 
         async def handle(item: dict) -> list[dict]:
             rejections: dict[str, int] = {}
@@ -155,8 +156,8 @@ async def _run(ctx: StageContext) -> dict:
             initial_words = count_words(response)
             extended = None
             if col.extend:
-                extended = await extend_once(item, response, reject)
-                requests += 2
+                extended, made = await extend_once(item, response, reject)
+                requests += made
             text = extended or response
             words = count_words(text)
             if words < col.min_words:
