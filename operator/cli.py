@@ -1,7 +1,9 @@
 """`selflengthen operator ...` (also `python -m selflengthen.operator ...`).
 
     selflengthen operator run [-n NS ...|-A] [--liveness URL] [--peering NAME|--standalone] [--log-format json]
-    selflengthen operator crd [--write|--check]        the CustomResourceDefinition (crds/selflengthenrun.yaml)
+                              [--metrics-port PORT --metrics-addr ADDR]
+    selflengthen operator crd [--write|--check]        the CustomResourceDefinition (crds/, and the chart's
+                                                       crds/ and RBAC rules: one source)
     selflengthen operator validate run.yaml ...        admission checks of the CRD (schema + CEL), offline
     selflengthen operator manifests --image IMAGE      CRD, RBAC and the operator's Deployment, for kubectl apply
 """
@@ -20,6 +22,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.all_namespaces and args.namespace:
         print("error: --namespace and --all-namespaces exclude each other", file=sys.stderr)
         return 2
+    if args.metrics_port is not None:
+        from ..pipeline.metrics import metrics, serve
+
+        metrics()  # the run series (selflengthen_run_*) on the default registry, beside the process metrics
+        serve(args.metrics_port, args.metrics_addr)
     run_operator(namespaces=args.namespace or [], clusterwide=args.all_namespaces, liveness=args.liveness,
                  peering=args.peering, standalone=args.standalone, priority=args.priority,
                  log_format=args.log_format, verbose=args.verbose, poll_seconds=args.poll_seconds)
@@ -27,18 +34,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from . import crd
+    from . import crd, deploy
 
     if args.write:
-        print(f"wrote {crd.write()}")
+        for path in (*(crd.write(p) for p in crd.CRD_PATHS), *deploy.write_chart_files()):
+            print(f"wrote {path}")
         return 0
     if args.check:
-        current = crd.CRD_PATH.read_text(encoding="utf-8") if crd.CRD_PATH.exists() else ""
-        if current != crd.render():
-            print(f"{crd.CRD_PATH} is out of date: run `python -m selflengthen.operator crd --write`",
-                  file=sys.stderr)
+        stale = [*crd.stale(), *deploy.stale_chart_files()]
+        for path in stale:
+            print(f"{path} is out of date: run `python -m selflengthen.operator crd --write`", file=sys.stderr)
+        if stale:
             return 1
-        print(f"{crd.CRD_PATH} is up to date")
+        print(f"{', '.join(str(p) for p in crd.CRD_PATHS)} and the chart's generated files are up to date")
         return 0
     sys.stdout.write(crd.render())
     return 0
@@ -102,13 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["json", "plain", "full"], default="json")
     run.add_argument("--poll-seconds", type=float, default=30.0,
                      help="reconcile each run at least this often (changes of children wake it at once)")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: none)")
+    run.add_argument("--metrics-addr", default="127.0.0.1",
+                     help="address for --metrics-port (default loopback; 0.0.0.0 in a pod)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 
     crd = sub.add_parser("crd", help="print, write or check the CustomResourceDefinition")
     group = crd.add_mutually_exclusive_group()
-    group.add_argument("--write", action="store_true", help="regenerate crds/selflengthenrun.yaml")
-    group.add_argument("--check", action="store_true", help="fail when crds/selflengthenrun.yaml is out of date")
+    group.add_argument("--write", action="store_true", help="regenerate crds/selflengthenrun.yaml and the chart's "
+                       "copy, peering CRDs and RBAC rules (charts/selflengthen/crds/, rbac/)")
+    group.add_argument("--check", action="store_true", help="fail when any of those is out of date")
     crd.set_defaults(func=cmd_crd)
 
     validate = sub.add_parser("validate", help="check SelfLengthenRun manifests as the API server would")

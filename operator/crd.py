@@ -1,6 +1,6 @@
 """The SelfLengthenRun CustomResourceDefinition, generated from the pydantic models.
 
-    python -m selflengthen.operator crd --write     # regenerate crds/selflengthenrun.yaml
+    python -m selflengthen.operator crd --write     # regenerate crds/ and the chart's crds/ (one source)
 
 The spec schema is RunConfig's JSON schema (the same model the local runner reads) turned into a structural
 OpenAPI v3 schema (references inlined, `anyOf null` dropped, pydantic's numeric keywords translated, defaults kept
@@ -36,7 +36,12 @@ SINGULAR = "selflengthenrun"
 SHORT_NAMES = ["slr"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
 API_VERSION = f"{GROUP}/{VERSION}"
-CRD_PATH = Path(__file__).resolve().parent.parent / "crds" / "selflengthenrun.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+CRD_PATH = ROOT / "crds" / "selflengthenrun.yaml"
+# The Helm chart installs the same file from its own crds/ (Helm reads CRDs only from inside the chart).
+CHART_DIR = ROOT / "charts" / "selflengthen"
+CHART_CRD_PATH = CHART_DIR / "crds" / "selflengthenrun.yaml"
+CRD_PATHS = (CRD_PATH, CHART_CRD_PATH)
 
 _DROP = {"title", "$defs", "examples"}
 _CEL_TYPES = {"string": "string", "array": "list", "integer": "int", "number": "double", "boolean": "bool",
@@ -405,3 +410,9 @@ def write(path: Path = CRD_PATH) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(), encoding="utf-8")
     return path
+
+
+def stale(paths: tuple[Path, ...] = CRD_PATHS) -> list[Path]:
+    """The checked-in copies that differ from the models (missing ones included)."""
+    text = render()
+    return [p for p in paths if not p.exists() or p.read_text(encoding="utf-8") != text]
