@@ -41,3 +41,4 @@ clean:
 
 # make bench: the benchmarks (bench/), ratios against baselines measured in the same run
 include bench/Makefile.inc
+include images/Makefile.inc
