@@ -169,9 +169,13 @@ def _resources(section, gpus: int) -> dict:
 
 def _pod_spec(run: Run, containers: list[dict], *, restart: str, volumes: list[dict],
               init_containers: list[dict] | None = None) -> dict:
-    s = run.cluster.scheduling
-    spec: dict = {"restartPolicy": restart, "containers": containers, "volumes": volumes,
-                  "enableServiceLinks": False}
+    s, sec = run.cluster.scheduling, run.cluster.security
+    spec: dict = {"restartPolicy": restart, "containers": containers,
+                  "volumes": [*volumes, {"name": "tmp", "emptyDir": {}}],
+                  "enableServiceLinks": False,
+                  "securityContext": {"runAsNonRoot": True, "runAsUser": sec.run_as_user,
+                                      "runAsGroup": sec.run_as_user, "fsGroup": sec.run_as_user,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}}
     if init_containers:
         spec["initContainers"] = init_containers
     if s.node_selector:
@@ -189,8 +193,13 @@ def _pod_spec(run: Run, containers: list[dict], *, restart: str, volumes: list[d
 
 def _container(run: Run, name: str, image: str, command: list[str], *, env: list[dict] | None = None,
                resources: dict | None = None, mounts: list[dict] | None = None) -> dict:
+    # /tmp is the one writable place besides the mounted volumes; HOME points there for the caches that
+    # vLLM, torch and triton keep under ~ (the root filesystem is read-only).
     c = {"name": name, "image": image, "imagePullPolicy": run.cluster.image_pull_policy, "command": command,
-         "env": env or [], "volumeMounts": mounts or [],
+         "env": [*(env or []), {"name": "HOME", "value": "/tmp"}],
+         "volumeMounts": [*(mounts or []), {"name": "tmp", "mountPath": "/tmp"}],
+         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                             "readOnlyRootFilesystem": run.cluster.security.read_only_root_filesystem},
          # A failing stage's last log lines (its one-line "error: ..." reason) become the pod's termination
          # message, which the operator copies into the run's status.
          "terminationMessagePolicy": "FallbackToLogsOnError"}

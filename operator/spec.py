@@ -147,6 +147,15 @@ class Retention(Model):
         "Retain", description="When the run has finished: keep the finished Jobs (and their logs) or delete them")
 
 
+class Security(Model):
+    """How every pod of a run runs: never as root, no privilege escalation, no capabilities, seccomp
+    RuntimeDefault; a read-only root filesystem with a writable /tmp (also $HOME) unless turned off for an image
+    that must write elsewhere."""
+
+    run_as_user: int = Field(10001, ge=1, le=2_147_483_647, description="UID (and GID) of every container; not 0")
+    read_only_root_filesystem: bool = True
+
+
 class ClusterSpec(Model):
     """The cluster-only part of a SelfLengthenRun spec."""
 
@@ -159,6 +168,7 @@ class ClusterSpec(Model):
     scheduling: Scheduling = Field(default_factory=Scheduling)
     retry: Retry = Field(default_factory=Retry)
     retention: Retention = Field(default_factory=Retention)
+    security: Security = Field(default_factory=Security)
 
 
 def cluster_fields(section: str | None = None) -> set[str]:

@@ -195,3 +195,39 @@ def test_fetch_helper_copies_trained_trees(tmp_path):
     assert main(["--storage", store.uri, f"demo/iter-01/train-generator/model={dest}"]) == 0
     assert (dest / "adapter_config.json").read_text() == "{}"
     assert main(["--storage", store.uri, f"demo/iter-01/train-extender/model={tmp_path / 'x'}"]) == 1
+
+
+def _pod_specs(run: r.Run) -> list[dict]:
+    return [obj["spec"]["template"]["spec"] for obj in children(run) if obj["kind"] in ("Deployment", "Job")]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_pod_runs_non_root_with_a_read_only_root_filesystem(variant):
+    pods = _pod_specs(make_run(VARIANTS[variant]))
+    assert pods
+    for pod in pods:
+        ctx = pod["securityContext"]
+        assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] != 0
+        assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+            assert sc["readOnlyRootFilesystem"] is True
+            # the one writable place besides the data volumes, where $HOME (caches) points
+            assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+            assert {"name": "HOME", "value": "/tmp"} in c["env"]
+
+
+def test_the_read_only_root_filesystem_can_be_turned_off_for_an_image_that_needs_it():
+    run = make_run(spec(security={"readOnlyRootFilesystem": False, "runAsUser": 1000}))
+    for pod in _pod_specs(run):
+        assert pod["securityContext"]["runAsUser"] == 1000
+        assert all(c["securityContext"]["readOnlyRootFilesystem"] is False for c in pod["containers"])
+
+
+def test_root_is_refused():
+    from selflengthen.pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="security.runAsUser"):
+        make_run(spec(security={"runAsUser": 0}))
