@@ -70,9 +70,13 @@ def test_quick_run_prints_and_writes_every_table_row(tmp_path):
         assert len(row["details"]["loadSeconds"]) == n and len(row["details"]["singleSeconds"]) >= 1
     assert operator[2]["details"]["rssBytes"]["peak"] >= operator[2]["details"]["rssBytes"]["idle"] > 0
 
-    for hook in ("training",):  # hooks for the parts still being built: pending, no numbers
-        pending = [r for r in rows if r["benchmark"].startswith(hook)]
-        assert pending and all(r["status"] == "pending" and r["ours"] is None for r in pending)
+    training = measured(rows, "training: ")
+    assert len(training) == 2  # tokens/s (ours / padded baseline) and the held-out loss drop (ours / baseline)
+    for pair in training[0]["details"]["pairs"]:  # the same work on both sides: real tokens and optimizer steps
+        assert pair["ours"]["tokensSeen"] == pair["baseline"]["tokensSeen"] == pair["ours"]["tokens"] > 0
+        assert pair["ours"]["steps"] == pair["baseline"]["steps"] > 0
+    [cuda] = [r for r in rows if r["benchmark"].startswith("training (CUDA)")]
+    assert cuda["status"] == "ok" or (cuda["status"] == "skipped" and "cuda" in cuda["note"] and cuda["ours"] is None)
 
 
 def test_vllm_client_benchmark_against_the_simulated_server(tmp_path):
