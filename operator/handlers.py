@@ -207,10 +207,12 @@ class Controller:
                 plan = reconcile(run, generation, status, observed, now)
                 for action in plan.actions:
                     await self.apply(run, action, logger)
-            await self.write_status(namespace, name, status, plan.status)
+            # Events before the status that records their transition: a crash in between posts them again
+            # (at least once) instead of never (the next reconcile sees no transition in the written status).
             for event in plan.events:
                 (logger.warning if event.type == "Warning" else logger.info)("%s: %s", event.reason, event.message)
                 await self.post_event(obj, event)
+            await self.write_status(namespace, name, status, plan.status)
             return plan.requeue_after
 
     async def cleanup(self, namespace: str, name: str, uid: str, spec: dict, logger: logging.Logger) -> None:

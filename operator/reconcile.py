@@ -485,6 +485,7 @@ class _Reconciler:
             st["phase"] = "Pending"
             self.event("Normal", "Accepted", f"run accepted: {self.cfg.iterations} iteration(s) of "
                        f"{self.cfg.models.base}, artifacts in {self.cfg.storage.uri}/{self.run.name}")
+        self.release_failed_jobs()
         if st.get("phase") == "Failed" and (st.get("lastFailure") or {}).get("reason") != "InvalidSpec":
             self.cleanup_serving()
             return self.finish()
@@ -533,6 +534,19 @@ class _Reconciler:
             st["phase"] = "Training"
             self.run_stage(k, stage, None)
         return self.finish()
+
+    def release_failed_jobs(self) -> None:
+        """A failed Job whose pods still run holds their GPUs (a multi-node Job that lost a node: the surviving
+        ranks wait for it): delete it, and the headless Service of a failed multi-node attempt (its rendezvous is
+        over). A failed Job without running pods is kept for its logs; its failure is in the status already."""
+        for name, job in self.obs.jobs.items():
+            if not job_failed(job) or job.get("metadata", {}).get("deletionTimestamp"):
+                continue
+            if int((job.get("status") or {}).get("active") or 0) > 0:
+                self.act("delete", "Job", name)
+            svc = self.obs.services.get(name)
+            if svc is not None and _label(svc, LABEL_COMPONENT) == "training":
+                self.act("delete", "Service", name)
 
     def scaled_down(self) -> bool:
         deps = self.serving_deployments()

@@ -191,6 +191,26 @@ import kmock  # noqa: E402
 from kmock._internal import enums as _kmock_enums  # noqa: E402
 from kmock._internal.dicts import patch_dict as _patch_dict  # noqa: E402
 
+_WRITES = (_kmock_enums.action.CREATE, _kmock_enums.action.UPDATE, _kmock_enums.action.DELETE)
+
+
+@attrs.frozen
+class Write:
+    """A write the API server accepted."""
+
+    action: str  # CREATE | UPDATE | DELETE
+    plural: str
+    name: str | None
+    subresource: str | None
+    body: object
+    who: str  # the client's bearer token ("" without one)
+
+
+def token_of(headers) -> str:
+    auth = headers.get("Authorization") or ""
+    return auth.removeprefix("Bearer ").strip()
+
+
 _SELECTOR = re.compile(r"\s*(!?)([\w./-]+)(?:\s*(==|=|!=)\s*([\w.-]*)|\s+(in|notin)\s*\(([^)]*)\))?\s*")
 
 
@@ -251,6 +271,14 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
       increasing resourceVersion; metadata.generateName honoured; the URL's namespace put into the object;
     - status subresources: the main resource ignores status changes, /status changes only status;
     - list and watch filtered by ?labelSelector=.
+
+    And what fault tests need (tests/reliability/test_operator_faults.py):
+
+    - `log`: every write that landed (`Write`: action, resource, name, subresource, body, and the bearer token
+      of the client that sent it, so that tests tell operator replicas apart);
+    - `after_write(write)`: called once a write has landed; raising a kmock.KubernetesError from it answers the
+      client with that error although the write stays (a reply lost on the way back);
+    - `blocked`: tokens whose requests are refused (503) before they touch anything: a replica whose process died.
     """
 
     _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1000), init=False)
@@ -287,10 +315,32 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
     # Only a recent window is kept (far more than ever run concurrently); `writes` keeps what tests assert on.
     request_window: int = 32
     writes: list = attrs.field(factory=list, init=False)
+    log: list = attrs.field(factory=list, init=False)
+    after_write: object = attrs.field(default=None, init=False)
+    blocked: set = attrs.field(factory=set, init=False)
 
     async def _handle(self, request):
         if len(self._requests) > self.request_window:
             del self._requests[: -self.request_window // 2]
+        who = token_of(request.headers)
+        if who and who in self.blocked:
+            return await self._render_error(kmock.KubernetesError(
+                status=503, reason="ServiceUnavailable", message="this client is gone (blocked by the test)"))
+        response = await self._handle_realistically(request)
+        if request.resource is not None and request.action in _WRITES and response.status < 400:
+            name = request.name or ((request.data or {}).get("metadata") or {}).get("name") \
+                if isinstance(request.data, dict) or request.name else request.name
+            write = Write(request.action.name, request.resource.plural, name, request.subresource,
+                          copy.deepcopy(request.data), who)
+            self.log.append(write)
+            if self.after_write is not None:
+                try:
+                    self.after_write(write)
+                except kmock.KubernetesError as exc:
+                    return await self._render_error(exc)
+        return response
+
+    async def _handle_realistically(self, request):
         if request.resource is not None and request.action in (
                 _kmock_enums.action.CREATE, _kmock_enums.action.UPDATE, _kmock_enums.action.DELETE):
             name = request.name or ((request.data or {}).get("metadata") or {}).get("name") \
@@ -371,3 +421,281 @@ def parse_path(path: str):
 from kmock._internal import parsing as _parsing  # noqa: E402
 
 _original_parse_path = _parsing.parse_path
+
+
+# -- the operator against kmock: the test's hands on the API server, and operator replicas --------------------------
+
+import contextlib  # noqa: E402
+import threading  # noqa: E402
+
+import aiohttp  # noqa: E402
+import kopf  # noqa: E402
+
+NS = "ml"
+RUNS_PATH = f"/apis/selflengthen.io/v1alpha1/namespaces/{NS}/selflengthenruns"
+PATHS = {
+    "Job": f"/apis/batch/v1/namespaces/{NS}/jobs",
+    "Deployment": f"/apis/apps/v1/namespaces/{NS}/deployments",
+    "Service": f"/api/v1/namespaces/{NS}/services",
+    "ConfigMap": f"/api/v1/namespaces/{NS}/configmaps",
+    "Pod": f"/api/v1/namespaces/{NS}/pods",
+    "Event": f"/api/v1/namespaces/{NS}/events",
+    "Secret": f"/api/v1/namespaces/{NS}/secrets",
+    "KopfPeering": f"/apis/kopf.dev/v1/namespaces/{NS}/kopfpeerings",
+}
+CHILD_PLURALS = ("configmaps", "services", "deployments", "jobs")
+MERGE = {"Content-Type": "application/merge-patch+json"}
+
+
+class MemoryProbe:
+    """The artifact store as the operator reads it: completion markers and manifests, per (iteration, stage)."""
+
+    def __init__(self):
+        self.markers: dict[tuple[int, str], dict] = {}
+        self.deleted = False
+
+    def done(self, iteration, stage):
+        return (iteration, stage) in self.markers
+
+    def manifest(self, iteration, stage):
+        return self.markers.get((iteration, stage))
+
+    def delete_run(self):
+        count = len(self.markers)
+        self.markers.clear()
+        self.deleted = True
+        return count
+
+
+async def prepare_api(k8s) -> None:
+    """Discovery of the built-ins, our CRD and kopf's peering CRDs, and the namespace the tests use."""
+    from selflengthen.operator.crd import crd
+    from selflengthen.operator.deploy import peering_crds
+
+    k8s.resources.load_bundled()
+    k8s.register_crd(crd())
+    for peering in peering_crds():
+        k8s.register_crd(peering)
+    async with aiohttp.ClientSession(base_url=str(k8s.url)) as session:
+        async with session.post("/api/v1/namespaces", json={"metadata": {"name": NS}}) as rsp:
+            assert rsp.status < 400
+
+
+class Cluster:
+    """The test's hands on the API server: apply runs, read them, and play the cluster's controllers and pods."""
+
+    def __init__(self, k8s, session: aiohttp.ClientSession, probe: MemoryProbe | None = None):
+        self.k8s, self.http, self.probe = k8s, session, probe or MemoryProbe()
+
+    async def request(self, method: str, path: str, body=None, headers=None, ok=(200, 201)):
+        async with self.http.request(method, path, json=body, headers=headers) as rsp:
+            data = await rsp.json(content_type=None)
+            assert rsp.status in ok or rsp.status < 400, (method, path, rsp.status, data)
+            return data if rsp.status < 400 else None
+
+    async def apply(self, name: str, run_spec: dict) -> dict:
+        return await self.request("POST", RUNS_PATH, {"apiVersion": "selflengthen.io/v1alpha1",
+                                                      "kind": "SelfLengthenRun", "metadata": {"name": name},
+                                                      "spec": run_spec})
+
+    async def run(self, name: str = "demo") -> dict | None:
+        return await self.request("GET", f"{RUNS_PATH}/{name}", ok=(404,))
+
+    async def status(self, name: str = "demo") -> dict:
+        return ((await self.run(name)) or {}).get("status") or {}
+
+    async def items(self, kind: str) -> list[dict]:
+        return (await self.request("GET", PATHS[kind]))["items"]
+
+    async def names(self, kind: str) -> list[str]:
+        return sorted(o["metadata"]["name"] for o in await self.items(kind))
+
+    async def get(self, kind: str, name: str) -> dict | None:
+        return await self.request("GET", f"{PATHS[kind]}/{name}", ok=(404,))
+
+    async def patch(self, kind: str, name: str, body: dict, sub: str | None = None) -> dict | None:
+        return await self.request("PATCH", f"{PATHS[kind]}/{name}" + (f"/{sub}" if sub else ""), body, MERGE,
+                                  ok=(404,))
+
+    async def events(self) -> list[dict]:
+        return await self.items("Event")
+
+    async def wait(self, predicate, what: str, timeout: float = 15.0, name: str = "demo") -> dict:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            st = await self.status(name)
+            if predicate(st):
+                return st
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; status: {st}")
+            await asyncio.sleep(0.05)
+
+    # -- the cluster's part (each idempotent: doing it twice is doing it once)
+
+    async def ready(self, name: str) -> bool:
+        dep = await self.get("Deployment", name)
+        if dep is None:
+            return False
+        n = dep["spec"]["replicas"]
+        await self.patch("Deployment", name, {"status": {"replicas": n, "readyReplicas": n, "availableReplicas": n}},
+                         "status")
+        return True
+
+    async def complete(self, name: str, manifest: dict | None = None) -> bool:
+        job = await self.get("Job", name)
+        if job is None:
+            return False
+        labels = job["metadata"]["labels"]
+        key = (int(labels["selflengthen.io/iteration"]), labels["selflengthen.io/stage"])
+        self.probe.markers[key] = manifest or {"stage": key[1]}  # the pod wrote manifest.json and _SUCCESS
+        await self.patch("Job", name, {"status": {"succeeded": 1, "conditions": [
+            {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}}, "status")
+        return True
+
+    async def scale_down(self) -> None:
+        for dep in await self.names("Deployment"):
+            await self.patch("Deployment", dep, {"status": {"replicas": 0, "readyReplicas": 0}}, "status")
+
+    async def play_once(self, name: str = "demo") -> str | None:
+        """The cluster's next part for the run's current step, without waiting for the operator; None when there
+        is nothing to do yet (the child the status names does not exist)."""
+        st = await self.status(name)
+        phase, child = st.get("phase"), current_child(st)
+        if phase == "Serving" and child and await self.ready(child):
+            return f"ready {child}"
+        if phase == "ScalingDown":
+            await self.scale_down()
+            return "scaled down"
+        if phase in ("Generating", "Training", "Evaluating") and child and \
+                await self.complete(child, MANIFESTS.get(st["stage"])):
+            return f"complete {child}"
+        return None
+
+    async def play(self, name: str = "demo") -> str:
+        """The cluster's next part, then wait until the operator moved on."""
+        st = await self.status(name)
+        before = (st.get("phase"), current_child(st))
+        done = await self.play_once(name)
+        assert done, f"nothing to play: {st}"
+        await self.wait(lambda s: (s.get("phase"), current_child(s)) != before, f"progress after {done}", name=name)
+        return done
+
+    # -- what the API server was asked
+
+    def created(self, kind_plural: str, who: str | None = None) -> list[str]:
+        """Names created of a resource (plural), in order; a duplicate would show a child made twice."""
+        return [w.name for w in self.k8s.log if w.action == "CREATE" and w.plural == kind_plural
+                and (who is None or w.who == who)]
+
+
+def fast_settings(settings: kopf.OperatorSettings) -> None:
+    settings.watching.reconnect_backoff = 0.1
+    settings.queueing.idle_timeout = 1.0
+    settings.queueing.exit_timeout = 1.0
+    settings.posting.enabled = False  # kopf's own events; ours are posted by the operator itself
+    # kopf retries its own failed API calls (a crashed replica's last keep-alive among them) this often
+    settings.networking.error_backoffs = [0.05, 0.1, 0.2]
+
+
+class Replica:
+    """One operator process: kopf in its own thread and event loop, logging in with its own bearer token.
+
+    Its own loop, because kopf cancels every task of its loop created after it started when it stops: two
+    replicas in one loop would take each other down, and a stopped one the API server's request handlers.
+    `kill()` is a crash: the API server refuses the replica's requests from that moment (nothing it still has in
+    flight lands), then its task is cancelled. `stop()` is a graceful SIGTERM."""
+
+    def __init__(self, cluster: Cluster, token: str, *, poll: float = 0.3, peering: str | None = None,
+                 priority: int = 0, probe=None, configure=None):
+        self.cluster, self.token, self.poll = cluster, token, poll
+        self.peering, self.priority = peering, priority
+        self.probe, self.configure = probe, configure
+        self.controller = None
+        self.ready_flag = threading.Event()
+        self.stop_flag: asyncio.Event | None = None  # of the replica's loop (kopf waits for a threading.Event in
+        # an executor thread, which a cancelled loop would then wait for at its shutdown)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task | None = None
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    async def _main(self) -> None:
+        from selflengthen.operator.handlers import OperatorOptions, build_registry
+
+        async def memory_probe(kube, run):
+            return self.cluster.probe
+
+        def configure(settings):
+            fast_settings(settings)
+            if self.configure:
+                self.configure(settings)
+
+        url = str(self.cluster.k8s.url)
+        options = OperatorOptions(poll_seconds=self.poll, configure=configure, probe=self.probe or memory_probe,
+                                  login=lambda **_: kopf.ConnectionInfo(server=url, token=self.token))
+        registry, self.controller = build_registry(options)
+        peering = {"peering_name": self.peering, "priority": self.priority} if self.peering else {"standalone": True}
+        self.loop, self.task, self.stop_flag = asyncio.get_running_loop(), asyncio.current_task(), asyncio.Event()
+        await kopf.operator(registry=registry, namespaces=[NS], stop_flag=self.stop_flag,
+                            ready_flag=self.ready_flag, identity=self.token, **peering)
+
+    def _thread(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except asyncio.CancelledError:
+            pass  # killed
+        except BaseException as exc:  # reported by start() or stop()
+            self.error = exc
+            self.ready_flag.set()
+
+    async def start(self) -> Replica:
+        self.thread = threading.Thread(target=self._thread, name=f"operator-{self.token}", daemon=True)
+        self.thread.start()
+        assert await asyncio.to_thread(self.ready_flag.wait, 10), f"{self.token} did not start"
+        if self.error:
+            raise self.error
+        return self
+
+    def crash_now(self) -> None:
+        """The synchronous part of a crash (safe to call from the API server's request handling)."""
+        self.cluster.k8s.blocked.add(self.token)
+        if self.loop is not None and self.task is not None:
+            self.loop.call_soon_threadsafe(self.task.cancel)
+
+    @property
+    def crashed(self) -> bool:
+        return self.token in self.cluster.k8s.blocked
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    async def kill(self) -> None:
+        self.crash_now()
+        await self.wait_gone()
+
+    async def wait_gone(self) -> None:
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join, 30)
+            assert not self.thread.is_alive(), f"{self.token} did not go away"
+
+    async def stop(self) -> None:
+        if self.running and self.loop is not None and self.stop_flag is not None:
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile: it is gone already
+                self.loop.call_soon_threadsafe(self.stop_flag.set)
+        await self.wait_gone()
+        if self.error:
+            raise self.error
+
+
+@contextlib.asynccontextmanager
+async def operator(cluster: Cluster, identity: str = "replica-0", **kwargs):
+    """One replica for the block; it logs in with the token `identity`."""
+    replica = await Replica(cluster, identity, **kwargs).start()
+    try:
+        yield replica
+    finally:
+        if replica.crashed:
+            await replica.wait_gone()
+        else:
+            await replica.stop()
