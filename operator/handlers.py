@@ -34,6 +34,7 @@ log = logging.getLogger("selflengthen.operator")
 RUNS = Resource(GROUP, VERSION, PLURAL, KIND)
 FINALIZER = "selflengthen.io/finalizer"
 COMPONENT = "selflengthen-operator"
+QUIET_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
 
 
 def default_login(**kwargs) -> kopf.ConnectionInfo | None:
@@ -256,6 +257,10 @@ def build_registry(options: OperatorOptions | None = None) -> tuple[kopf.Operato
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration")
         settings.posting.level = logging.WARNING  # our own events say what happens; kopf's only on trouble
+        # botocore's DEBUG records carry signing material (the key id and session token of the run's Secret in
+        # the canonical request and the request headers): never below WARNING, also under --verbose
+        for noisy in QUIET_LOGGERS:
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         settings.execution.max_workers = 4
         if options.configure:
             options.configure(settings)

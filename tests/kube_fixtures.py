@@ -484,8 +484,9 @@ async def prepare_api(k8s) -> None:
 class Cluster:
     """The test's hands on the API server: apply runs, read them, and play the cluster's controllers and pods."""
 
-    def __init__(self, k8s, session: aiohttp.ClientSession, probe: MemoryProbe | None = None):
-        self.k8s, self.http, self.probe = k8s, session, probe or MemoryProbe()
+    def __init__(self, k8s, session: aiohttp.ClientSession, probe: MemoryProbe | None = None, store=None):
+        """`store`: a pipeline Store the "pods" write their completion markers to (else the MemoryProbe)."""
+        self.k8s, self.http, self.probe, self.store = k8s, session, probe or MemoryProbe(), store
 
     async def request(self, method: str, path: str, body=None, headers=None, ok=(200, 201)):
         async with self.http.request(method, path, json=body, headers=headers) as rsp:
@@ -547,10 +548,32 @@ class Cluster:
             return False
         labels = job["metadata"]["labels"]
         key = (int(labels["selflengthen.io/iteration"]), labels["selflengthen.io/stage"])
-        self.probe.markers[key] = manifest or {"stage": key[1]}  # the pod wrote manifest.json and _SUCCESS
+        # the pod wrote manifest.json and _SUCCESS
+        if self.store is not None:
+            from selflengthen.pipeline.artifacts import StageArtifacts
+
+            artifacts = StageArtifacts(self.store, labels["selflengthen.io/run"], *key)
+            await asyncio.to_thread(artifacts.finish, manifest or {})
+        else:
+            self.probe.markers[key] = manifest or {"stage": key[1]}
         await self.patch("Job", name, {"status": {"succeeded": 1, "conditions": [
             {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}}, "status")
         return True
+
+    async def fail(self, name: str, message: str) -> None:
+        """A stage pod exits 1 with `message` as its termination message; the Job controller fails the Job."""
+        job = await self.get("Job", name)
+        labels = dict(job["spec"]["template"]["metadata"]["labels"], **{"batch.kubernetes.io/job-name": name})
+        await self.request("POST", PATHS["Pod"], {"metadata": {"name": f"{name}-abcde", "labels": labels},
+                                                  "spec": {"containers": [{"name": "stage", "image": "x"}]}})
+        await self.patch("Pod", f"{name}-abcde", {"status": {"phase": "Failed", "containerStatuses": [{
+            "name": "stage", "state": {"terminated": {"reason": "Error", "exitCode": 1, "message": message}}}]}},
+            "status")
+        await self.patch("Job", name, {"status": {"failed": 1, "conditions": [
+            {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded",
+             "message": "Job has reached the specified backoff limit"},
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+             "message": "Job has reached the specified backoff limit"}]}}, "status")
 
     async def scale_down(self) -> None:
         for dep in await self.names("Deployment"):
