@@ -17,12 +17,14 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import kopf
 
 from ..pipeline.config import ConfigError
+from ..pipeline.metrics import Metrics, metrics
 from .crd import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from .kube import BY_KIND, CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, PODS, SERVICES, ApiError, Kube, Resource
 from .probe import Probe, store_probe
@@ -50,6 +52,23 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def iteration_manifests(stages: dict) -> dict[str, dict]:
+    """An iteration's results from its status records, in the shape of the manifests they came from."""
+    def get(stage: str, key: str):
+        return (stages.get(stage) or {}).get(key)
+
+    out = {s: {"counts": rec["counts"]} for s, rec in stages.items() if "counts" in rec}
+    if get("extend", "averageWords") is not None:
+        out.setdefault("extend", {}).update(averageWords=get("extend", "averageWords"),
+                                            averageWordsInitial=get("respond", "averageWords") or 0)
+    for stage in ("train-generator", "train-extender", "evaluate"):
+        if get(stage, "trainLoss") is not None:
+            out.setdefault(stage, {})["finalLoss"] = get(stage, "trainLoss")
+        if get(stage, "score") is not None:
+            out.setdefault(stage, {})["scores"] = {"overall": get(stage, "score")}
+    return out
+
+
 @dataclass
 class OperatorOptions:
     poll_seconds: float = 30.0
@@ -58,6 +77,7 @@ class OperatorOptions:
     clock: Callable[[], dt.datetime] = utcnow
     # kopf settings applied at startup (tests shorten timeouts here)
     configure: Callable[[kopf.OperatorSettings], None] | None = None
+    metrics: Metrics | None = None  # default: the process-wide registry (served by --metrics-port)
 
 
 @dataclass
@@ -69,6 +89,33 @@ class Controller:
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     reconciles: int = 0
     written: dict[tuple[str, str], str] = field(default_factory=dict)  # resourceVersion of our last status write
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.options.metrics or metrics()
+
+    def record_metrics(self, namespace: str, name: str, old: dict, new: dict) -> None:
+        """The run's series from its status (so they survive operator restarts): phase, iteration, stage, and
+        what changed since the last status: attempts started, failures by reason, stage durations."""
+        m = self.metrics
+        m.set_run(name, namespace, phase=new.get("phase") or "Pending", iteration=new.get("currentIteration") or 0,
+                  iterations=new.get("iterations") or 0, stage=new.get("stage") or None)
+        before = {(r.get("iteration"), s): rec for r in old.get("history") or []
+                  for s, rec in (r.get("stages") or {}).items()}
+        for r in new.get("history") or []:
+            stages = r.get("stages") or {}
+            for stage, rec in stages.items():
+                prev = before.get((r.get("iteration"), stage)) or {}
+                if rec.get("attempts", 0) > prev.get("attempts", 0):
+                    m.stage_attempts.labels(run=name, namespace=namespace, stage=stage).inc(
+                        rec["attempts"] - prev.get("attempts", 0))
+                seen = {f.get("attempt") for f in prev.get("failures") or []}
+                for f in rec.get("failures") or []:
+                    if f.get("attempt") not in seen:
+                        m.stage_failures.labels(run=name, namespace=namespace, stage=stage, reason=f["reason"]).inc()
+                if rec.get("state") == "Succeeded" != prev.get("state") and "durationSeconds" in rec:
+                    m.stage_seconds.labels(run=name, stage=stage).observe(rec["durationSeconds"])
+            m.set_iteration(name, namespace, int(r.get("iteration") or 0), iteration_manifests(stages))
 
     def client(self) -> Kube:
         if self.kube is None:
@@ -140,6 +187,7 @@ class Controller:
         if action.verb == "create":
             try:
                 await kube.create(res, run.namespace, action.body or {})
+                self.metrics.children_created.labels(namespace=run.namespace, kind=action.kind).inc()
                 logger.info("created %s/%s", action.kind, action.name)
             except ApiError as err:
                 if err.status != 409:
@@ -189,6 +237,16 @@ class Controller:
     # ---- one reconcile
 
     async def reconcile_once(self, namespace: str, name: str, logger: logging.Logger) -> float | None:
+        started = time.perf_counter()
+        try:
+            return await self._reconcile_once(namespace, name, logger)
+        except Exception:
+            self.metrics.reconcile_errors.labels(namespace=namespace).inc()
+            raise
+        finally:
+            self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+
+    async def _reconcile_once(self, namespace: str, name: str, logger: logging.Logger) -> float | None:
         lock = self.locks.setdefault((namespace, name), asyncio.Lock())
         async with lock:
             self.reconciles += 1
@@ -214,6 +272,7 @@ class Controller:
                 (logger.warning if event.type == "Warning" else logger.info)("%s: %s", event.reason, event.message)
                 await self.post_event(obj, event)
             await self.write_status(namespace, name, status, plan.status)
+            self.record_metrics(namespace, name, status, plan.status)
             return plan.requeue_after
 
     async def cleanup(self, namespace: str, name: str, uid: str, spec: dict, logger: logging.Logger) -> None:
@@ -317,6 +376,7 @@ def build_registry(options: OperatorOptions | None = None) -> tuple[kopf.Operato
     async def delete_run(name, namespace, uid, spec, logger, **_):
         controller.wakers.pop((namespace, name), None)
         await controller.cleanup(namespace, name, uid, dict(spec), logger)
+        controller.metrics.forget_run(name, namespace)
         logger.info("run %s deleted: children removed%s", name,
                     "" if (spec.get("retention") or {}).get("artifacts") == "Delete" else ", artifacts kept")
 
@@ -325,11 +385,17 @@ def build_registry(options: OperatorOptions | None = None) -> tuple[kopf.Operato
 
 def run_operator(*, namespaces: list[str] | None = None, clusterwide: bool = False, liveness: str | None = None,
                  peering: str | None = None, standalone: bool = False, priority: int | None = None,
-                 log_format: str = "json", verbose: bool = False, poll_seconds: float = 30.0) -> None:
-    """Run the operator until it is stopped (SIGTERM/SIGINT). Without --namespace it serves the whole cluster."""
+                 log_format: str = "json", verbose: bool = False, poll_seconds: float = 30.0,
+                 metrics_port: int | None = None) -> None:
+    """Run the operator until it is stopped (SIGTERM/SIGINT). Without --namespace it serves the whole cluster;
+    with `metrics_port`, /metrics on that port (all interfaces: Prometheus scrapes the pod)."""
     formats = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
     kopf.configure(verbose=verbose, log_format=formats[log_format])
     registry, _ = build_registry(OperatorOptions(poll_seconds=poll_seconds))
+    if metrics_port:
+        from ..pipeline.metrics import serve
+
+        serve(metrics_port, addr="0.0.0.0")  # noqa: S104
     if not namespaces:
         clusterwide = True
     if priority is None and not standalone:

@@ -629,8 +629,8 @@ class Replica:
     flight lands), then its task is cancelled. `stop()` is a graceful SIGTERM."""
 
     def __init__(self, cluster: Cluster, token: str, *, poll: float = 0.3, peering: str | None = None,
-                 priority: int = 0, probe=None, configure=None):
-        self.cluster, self.token, self.poll = cluster, token, poll
+                 priority: int = 0, probe=None, configure=None, metrics=None):
+        self.cluster, self.token, self.poll, self.metrics = cluster, token, poll, metrics
         self.peering, self.priority = peering, priority
         self.probe, self.configure = probe, configure
         self.controller = None
@@ -655,7 +655,8 @@ class Replica:
 
         url = str(self.cluster.k8s.url)
         options = OperatorOptions(poll_seconds=self.poll, configure=configure, probe=self.probe or memory_probe,
-                                  login=lambda **_: kopf.ConnectionInfo(server=url, token=self.token))
+                                  login=lambda **_: kopf.ConnectionInfo(server=url, token=self.token),
+                                  metrics=self.metrics)
         registry, self.controller = build_registry(options)
         peering = {"peering_name": self.peering, "priority": self.priority} if self.peering else {"standalone": True}
         self.loop, self.task, self.stop_flag = asyncio.get_running_loop(), asyncio.current_task(), asyncio.Event()
