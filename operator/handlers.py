@@ -383,6 +383,14 @@ def build_registry(options: OperatorOptions | None = None) -> tuple[kopf.Operato
     return registry, controller
 
 
+def default_priority(started: float) -> int:
+    """Peering priority of a replica started at `started` (epoch seconds): the older replica is the higher one,
+    so that a new replica (a rolling update, a second one) pauses instead of preempting the one that is acting,
+    and both never act at once; it takes over only when the old one is gone. Equal priorities would pause both:
+    a random tail separates replicas started in the same millisecond."""
+    return -int(started * 1000) * 1000 - random.SystemRandom().randint(0, 999)
+
+
 def run_operator(*, namespaces: list[str] | None = None, clusterwide: bool = False, liveness: str | None = None,
                  peering: str | None = None, standalone: bool = False, priority: int | None = None,
                  log_format: str = "json", verbose: bool = False, poll_seconds: float = 30.0,
@@ -399,8 +407,7 @@ def run_operator(*, namespaces: list[str] | None = None, clusterwide: bool = Fal
     if not namespaces:
         clusterwide = True
     if priority is None and not standalone:
-        # Peered replicas with equal priorities would all pause; random ones make exactly one the active one.
-        priority = random.SystemRandom().randint(1, 1_000_000)
+        priority = default_priority(time.time())
     asyncio.run(kopf.operator(
         registry=registry, clusterwide=clusterwide, namespaces=namespaces or [],
         liveness_endpoint=liveness or None, peering_name=peering, standalone=True if standalone else None,

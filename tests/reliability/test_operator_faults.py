@@ -305,3 +305,13 @@ async def test_two_replicas_only_the_higher_priority_one_acts_and_the_other_take
             await high.stop()
         if low.running:
             await low.stop()
+
+
+def test_a_replica_started_later_gets_the_lower_peering_priority():
+    """`selflengthen operator run` without --priority: a newer replica (a rolling update's, a second one) never
+    preempts the acting one, which kopf would let it do while the old one still finishes its reconcile."""
+    from selflengthen.operator.handlers import default_priority
+
+    older, newer = default_priority(1_764_000_000.000), default_priority(1_764_000_000.002)
+    assert older > newer
+    assert len({default_priority(1_764_000_000.0) for _ in range(20)}) > 1  # same millisecond: still apart
