@@ -393,17 +393,12 @@ def default_priority(started: float) -> int:
 
 def run_operator(*, namespaces: list[str] | None = None, clusterwide: bool = False, liveness: str | None = None,
                  peering: str | None = None, standalone: bool = False, priority: int | None = None,
-                 log_format: str = "json", verbose: bool = False, poll_seconds: float = 30.0,
-                 metrics_port: int | None = None) -> None:
-    """Run the operator until it is stopped (SIGTERM/SIGINT). Without --namespace it serves the whole cluster;
-    with `metrics_port`, /metrics on that port (all interfaces: Prometheus scrapes the pod)."""
+                 log_format: str = "json", verbose: bool = False, poll_seconds: float = 30.0) -> None:
+    """Run the operator until it is stopped (SIGTERM/SIGINT). Without --namespace it serves the whole cluster.
+    Its metrics (the process-wide `metrics()`) are served by the caller: `selflengthen operator run --metrics-port`."""
     formats = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
     kopf.configure(verbose=verbose, log_format=formats[log_format])
     registry, _ = build_registry(OperatorOptions(poll_seconds=poll_seconds))
-    if metrics_port:
-        from ..pipeline.metrics import serve
-
-        serve(metrics_port, addr="0.0.0.0")  # noqa: S104
     if not namespaces:
         clusterwide = True
     if priority is None and not standalone:

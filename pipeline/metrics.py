@@ -19,7 +19,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 WORD_BUCKETS = (50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000, 32000)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
-PHASES = ("Pending", "Serving", "Generating", "Training", "Evaluating", "Succeeded", "Failed", "Suspended")
+PHASES = ("Pending", "Serving", "Generating", "ScalingDown", "Training", "Evaluating", "Succeeded", "Failed",
+          "Suspended")
 
 
 class Metrics:

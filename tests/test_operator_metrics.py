@@ -4,6 +4,8 @@ read from a fresh registry after a kmock run with one failed attempt."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
@@ -29,6 +31,14 @@ async def test_operator_metrics_follow_the_run(_paths, kmock):
     def value(name, **labels):
         return registry.get_sample_value(name, labels)
 
+    async def eventually(name, wanted, **labels):
+        # the gauges are set right after the status write the test waits for: poll a bounded while
+        for _ in range(500):
+            if value(name, **labels) == wanted:
+                return
+            await asyncio.sleep(0.01)
+        assert value(name, **labels) == wanted, name
+
     run = {"run": "demo", "namespace": "ml"}
     async with aiohttp.ClientSession(base_url=str(kmock.url)) as session:
         cluster = Cluster(kmock, session)
@@ -37,12 +47,12 @@ async def test_operator_metrics_follow_the_run(_paths, kmock):
         try:
             await cluster.apply("demo", spec(iterations=1, retry={"maxAttempts": 2, "backoffSeconds": 0}))
             await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving")
-            assert value("selflengthen_run_phase", **run, phase="Serving") == 1
-            assert value("selflengthen_run_iterations", **run) == 1
+            await eventually("selflengthen_run_phase", 1, **run, phase="Serving")
+            await eventually("selflengthen_run_iterations", 1, **run)
             await cluster.play()
             await cluster.wait(lambda s: s.get("stage") == "self-instruct", "self-instruct")
-            assert value("selflengthen_run_stage", **run, stage="self-instruct") == 1
-            assert value("selflengthen_run_iteration", **run) == 1
+            await eventually("selflengthen_run_stage", 1, **run, stage="self-instruct")
+            await eventually("selflengthen_run_iteration", 1, **run)
             await cluster.fail("demo-i01-self-instruct-a1", "error: boom")
             await cluster.wait(lambda s: s["history"][0]["stages"]["self-instruct"]["attempts"] == 2, "attempt 2")
             while (await cluster.status()).get("phase") != "Succeeded":
@@ -65,3 +75,10 @@ async def test_operator_metrics_follow_the_run(_paths, kmock):
     assert value("selflengthen_iteration_average_words", **it, kind="initial") == 820.0
     assert value("selflengthen_iteration_accepted_items", **it, stage="extend") == 5200
     assert value("selflengthen_iteration_training_loss", **it, role="generator") == 1.23
+
+
+def test_the_phase_gauge_knows_every_phase_the_state_machine_writes():
+    from selflengthen.operator.reconcile import ACTIVE_PHASES
+    from selflengthen.pipeline.metrics import PHASES
+
+    assert {*ACTIVE_PHASES, "Succeeded", "Failed", "Suspended"} <= set(PHASES)
