@@ -30,7 +30,7 @@ from .kube import BY_KIND, CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, PODS, SERVICES
 from .probe import Probe, store_probe
 from .reconcile import Action, Event, Observed, Plan, cleanup_actions, invalid_spec, reconcile
 from .resources import LABEL_RUN, MANAGED_BY, Run, selector
-from .spec import DATA_STAGES, EVAL_STAGE, TRAIN_STAGES, parse_spec
+from .spec import parse_spec, run_steps
 
 log = logging.getLogger("selflengthen.operator")
 RUNS = Resource(GROUP, VERSION, PLURAL, KIND)
@@ -155,8 +155,7 @@ class Controller:
         manifests of those found done, for the status's records."""
         recorded = {(r["iteration"], s) for r in status.get("history") or []
                     for s, rec in (r.get("stages") or {}).items() if rec.get("state") == "Succeeded"}
-        stages = [*DATA_STAGES, *TRAIN_STAGES] + ([EVAL_STAGE] if run.config.evaluate.enabled else [])
-        steps = [(k, s) for k in range(1, run.config.iterations + 1) for s in stages]
+        steps = run_steps(run.config)
         try:
             probe = await self.options.probe(self.client(), run)
             for k, s in steps:

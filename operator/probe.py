@@ -12,6 +12,7 @@ import logging
 from typing import Protocol
 
 from ..pipeline.artifacts import StageArtifacts
+from ..pipeline.stages import RUN_STAGES, RunArtifacts
 from ..pipeline.store import Store, open_store
 from .kube import SECRETS, Kube
 from .resources import Run
@@ -29,12 +30,16 @@ class StoreProbe:
     def __init__(self, store: Store, run: str):
         self.store, self.run = store, run
 
+    def artifacts(self, iteration: int, stage: str) -> StageArtifacts:
+        kind = RunArtifacts if stage in RUN_STAGES else StageArtifacts  # collect's artifacts are the run's
+        return kind(self.store, self.run, iteration, stage)
+
     def done(self, iteration: int, stage: str) -> bool:
-        return StageArtifacts(self.store, self.run, iteration, stage).done()
+        return self.artifacts(iteration, stage).done()
 
     def manifest(self, iteration: int, stage: str) -> dict | None:
         try:
-            return StageArtifacts(self.store, self.run, iteration, stage).manifest()
+            return self.artifacts(iteration, stage).manifest()
         except KeyError:
             return None
 

@@ -48,7 +48,7 @@ from .resources import (
     training_job,
     training_service,
 )
-from .spec import DATA_STAGES, EVAL_STAGE, SERVING, TRAIN_STAGES
+from .spec import COLLECT_STAGE, DATA_STAGES, EVAL_STAGE, SERVING, TRAIN_STAGES, run_steps
 
 ACTIVE_PHASES = ("Pending", "Serving", "Generating", "ScalingDown", "Training", "Evaluating")
 MAX_MESSAGE = 1024
@@ -205,8 +205,7 @@ class _Reconciler:
         return self.iteration_record(k)["stages"].setdefault(key, {"state": "Pending", "attempts": 0})
 
     def steps(self) -> list[tuple[int, str]]:
-        stages = [*DATA_STAGES, *TRAIN_STAGES] + ([EVAL_STAGE] if self.cfg.evaluate.enabled else [])
-        return [(k, s) for k in range(1, self.cfg.iterations + 1) for s in stages]
+        return run_steps(self.cfg)
 
     def stage_jobs(self, k: int, stage: str) -> dict[int, dict]:
         out = {}
@@ -253,7 +252,8 @@ class _Reconciler:
         scores = manifest.get("scores")
         if isinstance(scores, dict) and isinstance(scores.get("overall"), (int, float)):
             rec["score"] = scores["overall"]
-        rec["artifactUri"] = manifest.get("modelUri") or f"{self.cfg.storage.uri}/{self.run.name}/iter-{k:02d}/{stage}"
+        where = stage if stage == COLLECT_STAGE else f"iter-{k:02d}/{stage}"  # collect's output is the run's
+        rec["artifactUri"] = manifest.get("modelUri") or f"{self.cfg.storage.uri}/{self.run.name}/{where}"
         if stage == "extend" and "averageWords" in rec:
             self.iteration_record(k)["averageWords"] = rec["averageWords"]
             self.status["averageWords"] = int(round(rec["averageWords"]))
@@ -515,7 +515,9 @@ class _Reconciler:
             return self.suspend()
         if st.get("phase") == "Suspended":
             self.event("Normal", "Resumed", f"resumed at iteration {k}: {stage}")
-        if stage in DATA_STAGES or stage == EVAL_STAGE:
+        if stage in DATA_STAGES or stage in (EVAL_STAGE, COLLECT_STAGE):
+            # data stages: the models of iteration k-1; evaluate and collect: those just trained (collect reuses
+            # evaluate's server when evaluation ran)
             model = k - 1 if stage in DATA_STAGES else k
             key = SERVING if stage in DATA_STAGES else f"{EVAL_STAGE}-{SERVING}"
             if not self.ensure_serving(k, model, key):
@@ -524,7 +526,7 @@ class _Reconciler:
                     st["stage"] = key
                 return self.finish()
             st["endpoint"] = endpoint(self.run, model)
-            st["phase"] = "Generating" if stage in DATA_STAGES else "Evaluating"
+            st["phase"] = "Evaluating" if stage == EVAL_STAGE else "Generating"
             self.run_stage(k, stage, st["endpoint"])
         else:
             if not self.scaled_down():

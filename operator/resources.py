@@ -21,7 +21,7 @@ from functools import cached_property, lru_cache
 from ..pipeline.config import RunConfig, dump_config
 from ..pipeline.training import model_prefix
 from .crd import API_VERSION, KIND
-from .spec import DATA_STAGES, EVAL_STAGE, ClusterSpec
+from .spec import COLLECT_STAGE, DATA_STAGES, EVAL_STAGE, ClusterSpec
 
 MANAGED_BY = "selflengthen-operator"
 LABEL_RUN = "selflengthen.io/run"
@@ -345,14 +345,18 @@ def _config_volume(run: Run) -> dict:
 
 def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_url: str | None = None,
               suspend: bool = False) -> dict:
-    """A Job running `selflengthen stage STAGE` (data stages, build-sft, evaluate): CPU only."""
-    needs_server = stage in DATA_STAGES or stage == EVAL_STAGE
+    """A Job running `selflengthen stage STAGE` (data stages, build-sft, evaluate, collect): CPU only."""
+    needs_server = stage in DATA_STAGES or stage in (EVAL_STAGE, COLLECT_STAGE)
     if needs_server and not endpoint_url:
         raise ValueError(f"stage {stage} needs the inference endpoint")
     name = job_name(run.name, iteration, stage, attempt)
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "work", "mountPath": WORKDIR}, {"name": "hf-cache", "mountPath": HF_HOME}]
     env = [*storage_env(run), *hf_env(run), {"name": "SELFLENGTHEN_WORKDIR", "value": WORKDIR}]
+    if needs_server:  # API keys (the judge's) for the stages that talk to models
+        env += [{"name": e.name, "valueFrom": {"secretKeyRef": {"name": e.secret_key_ref.name,
+                                                                 "key": e.secret_key_ref.key}}}
+                for e in run.cluster.secret_env]
     container = _container(run, "stage", run.cluster.image,
                            ["selflengthen", *_stage_command(run, stage, iteration, endpoint_url)],
                            env=env, mounts=mounts)

@@ -23,7 +23,8 @@ EXCLUDED_CONFIG_FIELDS = ("name", "local", "models.endpoint", "models.api_key_en
 DATA_STAGES = ("self-instruct", "respond", "extend")
 TRAIN_STAGES = ("build-sft", "train-generator", "train-extender")
 EVAL_STAGE = "evaluate"
-ALL_STAGES = (*DATA_STAGES, *TRAIN_STAGES, EVAL_STAGE)
+COLLECT_STAGE = "collect"  # optional, once after the last iteration, with that iteration's models (collect.enabled)
+ALL_STAGES = (*DATA_STAGES, *TRAIN_STAGES, EVAL_STAGE, COLLECT_STAGE)
 SERVING = "serving"  # the pseudo-stage of bringing the vLLM server up (retried and timed like a stage)
 
 RESOURCE_KEY = r"^([a-z0-9.-]+/)?[a-zA-Z0-9][-._a-zA-Z0-9]*$"
@@ -55,6 +56,14 @@ class Resources(Model):
 class SecretKeyRef(Model):
     name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Secret in the run's namespace")
     key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class SecretEnv(Model):
+    """An environment variable of the stage Jobs taken from a Secret, e.g. the judge's API key
+    (evaluate.judge.apiKeyEnv names the variable)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
+    secret_key_ref: SecretKeyRef
 
 
 class Inference(Model):
@@ -169,6 +178,9 @@ class ClusterSpec(Model):
     retry: Retry = Field(default_factory=Retry)
     retention: Retention = Field(default_factory=Retention)
     security: Security = Field(default_factory=Security)
+    secret_env: list[SecretEnv] = Field(
+        default_factory=list, max_length=32,
+        description="Variables of the data, evaluate and collect Jobs taken from Secrets (API keys)")
 
 
 def cluster_fields(section: str | None = None) -> set[str]:
@@ -270,7 +282,27 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
             errors.append(f"scheduling.tolerations.{i}: a toleration with operator Exists must not have a value")
         if t.key is None and t.operator != "Exists":
             errors.append(f"scheduling.tolerations.{i}: a toleration without a key must use operator Exists")
+    judge = config.evaluate.judge
+    secret_names = [e.name for e in cluster.secret_env]
+    if judge.enabled and judge.api_key_env and judge.api_key_env not in secret_names:
+        errors.append(f"evaluate.judge.apiKeyEnv: {judge.api_key_env} must come from a Secret: add it to secretEnv")
+    reserved_env = sorted({"HOME", "SELFLENGTHEN_WORKDIR", "HF_HOME", "HF_TOKEN"} & set(secret_names)
+                          | {n for n in secret_names if n.startswith("AWS_")})
+    if reserved_env:
+        errors.append(f"secretEnv: variables the operator sets itself ({', '.join(reserved_env)})")
+    if len(set(secret_names)) != len(secret_names):
+        errors.append("secretEnv: a variable is named twice")
     unknown = sorted(set(cluster.retry.stages) - set(ALL_STAGES) - {SERVING})
     if unknown:
         errors.append(f"retry.stages: unknown stage(s) {', '.join(unknown)}")
     return errors
+
+
+def run_steps(config: RunConfig) -> list[tuple[int, str]]:
+    """The (iteration, stage) steps of a run, in order: the operator's plan, shared by the state machine and the
+    store observer."""
+    stages = [*DATA_STAGES, *TRAIN_STAGES] + ([EVAL_STAGE] if config.evaluate.enabled else [])
+    steps = [(k, s) for k in range(1, config.iterations + 1) for s in stages]
+    if config.collect.enabled:
+        steps.append((config.iterations, COLLECT_STAGE))
+    return steps

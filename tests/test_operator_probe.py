@@ -37,7 +37,14 @@ async def test_probe_reads_markers_with_the_runs_secret(kmock, s3_endpoint):
         assert probe.done(1, "self-instruct") and not probe.done(1, "respond")
         assert probe.manifest(1, "self-instruct")["counts"] == {"accepted": 3}
         assert probe.manifest(1, "respond") is None
-        assert probe.delete_run() == 2 and not probe.done(1, "self-instruct")
+        # collect's artifacts are the run's (<run>/collect/), not an iteration's
+        from selflengthen.pipeline.stages import RunArtifacts
+
+        assert not probe.done(1, "collect")
+        RunArtifacts(store, "demo", 1, "collect").finish({"counts": {"accepted": 2}})
+        assert probe.done(1, "collect") and probe.manifest(1, "collect")["counts"] == {"accepted": 2}
+        assert not StageArtifacts(store, "demo", 1, "collect").done()
+        assert probe.delete_run() == 4 and not probe.done(1, "self-instruct")
     finally:
         await kube.close()
 

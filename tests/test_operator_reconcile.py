@@ -313,3 +313,28 @@ def test_no_secret_values_reach_status_or_events():
     text = repr(world.status) + repr(world.events)
     assert "AWS_SECRET_ACCESS_KEY" not in text and "secretKeyRef" not in text
     assert play_cluster is not None
+
+
+@pytest.mark.parametrize("evaluate", [True, False], ids=["after-evaluate", "without-evaluate"])
+def test_collect_runs_once_after_the_last_iteration_with_its_models(evaluate):
+    world = World(make_run(spec(evaluate={"enabled": evaluate}, collect={"enabled": True, "items": 64})))
+    log = run_to_completion(world)
+    assert world.status["phase"] == "Succeeded"
+    assert [c for c in world.created if "collect" in c] == ["Job/demo-i02-collect-a1"]  # once, at the end
+    assert log[-1] == "complete demo-i02-collect-a1"
+    job = world.objects[("Job", "demo-i02-collect-a1")]
+    cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    # served from the models trained in the last iteration; after evaluate, by the same server (no restart)
+    assert cmd[cmd.index("--endpoint") + 1] == "http://demo-m02-vllm.ml.svc:8000/v1"
+    assert world.created.count("Deployment/demo-m02-vllm-a1") == 1
+    assert log[-2] == ("complete demo-i02-evaluate-a1" if evaluate else "ready demo-m02-vllm-a1")
+    rec = world.status["history"][1]["stages"]["collect"]
+    assert rec["state"] == "Succeeded"
+    assert rec["artifactUri"] == "s3://selflengthen-artifacts/runs/demo/collect"  # the run's, not iter-02's
+    assert world.names("Deployment") == []
+
+
+def test_without_collect_no_collect_job():
+    world = World(make_run(spec(evaluate={"enabled": True})))
+    run_to_completion(world)
+    assert not [c for c in world.created if "collect" in c]

@@ -231,3 +231,26 @@ def test_root_is_refused():
 
     with pytest.raises(ConfigError, match="security.runAsUser"):
         make_run(spec(security={"runAsUser": 0}))
+
+
+def test_secret_env_reaches_the_model_facing_jobs_by_secret_reference_only():
+    run = make_run(spec(evaluate={"enabled": True, "judge": {"enabled": True, "apiKeyEnv": "JUDGE_KEY"}},
+                        secretEnv=[{"name": "JUDGE_KEY", "secretKeyRef": {"name": "judge", "key": "token"}}]))
+    wanted = {"name": "JUDGE_KEY", "valueFrom": {"secretKeyRef": {"name": "judge", "key": "token"}}}
+    for stage in (*DATA_STAGES, "evaluate", "collect"):
+        job = r.stage_job(run, 2, stage, 1, endpoint_url=r.endpoint(run, 1))
+        assert wanted in job["spec"]["template"]["spec"]["containers"][0]["env"], stage
+    for job in (r.stage_job(run, 1, "build-sft", 1), r.training_job(run, 1, "train-generator", 1)):
+        assert all(e["name"] != "JUDGE_KEY" for e in job["spec"]["template"]["spec"]["containers"][0]["env"])
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"evaluate": {"judge": {"enabled": True, "apiKeyEnv": "JUDGE_KEY"}}}, "evaluate.judge.apiKeyEnv"),
+    ({"secretEnv": [{"name": "AWS_SECRET_ACCESS_KEY", "secretKeyRef": {"name": "x", "key": "y"}}]}, "secretEnv"),
+    ({"secretEnv": [{"name": "K", "secretKeyRef": {"name": "x", "key": "y"}}] * 2}, "secretEnv"),
+])
+def test_secret_env_mistakes_are_refused_naming_the_field(overrides, field):
+    from selflengthen.pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        make_run(spec(**overrides))
