@@ -39,6 +39,9 @@ CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 ADAPTERS_DIR = "/adapters"
 HF_HOME = "/cache/huggingface"
 WORKDIR = "/work"
+# Every stage pod serves its Prometheus metrics here while it runs (`selflengthen stage --metrics-port`; one
+# server a pod: local rank 0 under torchrun).
+METRICS_PORT = 9400
 # vLLM's accepted --max-lora-rank values; the smallest one at least the trained rank is used.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -208,6 +211,10 @@ def _container(run: Run, name: str, image: str, command: list[str], *, env: list
     return c
 
 
+def _metrics_port() -> dict:
+    return {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}
+
+
 def _shm(size) -> dict:
     return {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}
 
@@ -314,7 +321,7 @@ def endpoint(run: Run, model: int) -> str:
 
 
 def _stage_command(run: Run, stage: str, iteration: int, endpoint_url: str | None) -> list[str]:
-    cmd = ["stage", stage, "--config", CONFIG_FILE, "--iteration", str(iteration)]
+    cmd = ["stage", stage, "--config", CONFIG_FILE, "--iteration", str(iteration), "--metrics-port", str(METRICS_PORT)]
     if endpoint_url:
         cmd += ["--endpoint", endpoint_url]
     return cmd
@@ -360,6 +367,7 @@ def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_ur
     container = _container(run, "stage", run.cluster.image,
                            ["selflengthen", *_stage_command(run, stage, iteration, endpoint_url)],
                            env=env, mounts=mounts)
+    container["ports"] = [_metrics_port()]
     pod = _pod_spec(run, [container], restart="Never",
                     volumes=[_config_volume(run), {"name": "work", "emptyDir": {}}, _cache_volume(run)])
     component = "evaluation" if stage == EVAL_STAGE else "data"
@@ -394,8 +402,9 @@ def training_job(run: Run, iteration: int, stage: str, attempt: int, *, suspend:
               {"name": "work", "mountPath": WORKDIR}, {"name": "hf-cache", "mountPath": HF_HOME}]
     container = _container(run, "train", t.image or run.cluster.image, command, env=env, mounts=mounts,
                            resources=_resources(t, t.processes_per_node))
+    container["ports"] = [_metrics_port()]
     if t.nodes > 1:
-        container["ports"] = [{"name": "rendezvous", "containerPort": t.rendezvous_port, "protocol": "TCP"}]
+        container["ports"].append({"name": "rendezvous", "containerPort": t.rendezvous_port, "protocol": "TCP"})
     pod = _pod_spec(run, [container], restart="Never",
                     volumes=[_config_volume(run), _shm(t.shm_size), {"name": "work", "emptyDir": {}},
                              _cache_volume(run)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -42,7 +43,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from .pipeline.store import open_store
 
     config = _config(args)
-    if args.metrics_port is not None:
+    # One metrics server a pod: under torchrun only local rank 0 binds the port (the others would collide).
+    if args.metrics_port is not None and os.environ.get("LOCAL_RANK", "0") == "0":
         from .pipeline.metrics import serve
 
         serve(args.metrics_port, args.metrics_addr)

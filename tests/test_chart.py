@@ -26,7 +26,7 @@ from kube_fixtures import make_run, spec
 from selflengthen.operator import crd as crd_mod
 from selflengthen.operator import deploy
 from selflengthen.operator.cli import build_parser
-from selflengthen.operator.resources import serving_deployment, stage_job, training_job
+from selflengthen.operator.resources import METRICS_PORT, serving_deployment, stage_job, training_job
 from selflengthen.operator.spec import Inference, parse_spec
 from selflengthen.operator.validation import validate
 
@@ -265,7 +265,7 @@ def test_pod_monitor_selects_the_runs_vllm_pods(rendered):
     data_pod = stage_job(run, 1, "respond", 1, endpoint_url="http://x:8000/v1")["spec"]["template"]
     for case, namespaces in (("cluster-monitoring_on-netpol_off", None),
                              ("namespaced-monitoring_on-netpol_off", ["ml", "nlp"])):
-        monitor = one(rendered[case], "PodMonitor")
+        (monitor,) = [m for m in of_kind(rendered[case], "PodMonitor") if m["metadata"]["name"].endswith("-vllm")]
         assert "vllm" in monitor["metadata"]["name"]  # the SelfLengthenInferenceDown alert matches job=~".*vllm.*"
         assert label_match(monitor["spec"]["selector"], vllm_pod["metadata"]["labels"])
         assert not label_match(monitor["spec"]["selector"], data_pod["metadata"]["labels"])
@@ -273,6 +273,26 @@ def test_pod_monitor_selects_the_runs_vllm_pods(rendered):
         assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
         selector = monitor["spec"]["namespaceSelector"]
         assert selector == ({"any": True} if namespaces is None else {"matchNames": namespaces})
+
+
+def test_pod_monitor_scrapes_the_runs_job_pods_on_their_metrics_port(rendered):
+    run = make_run(spec(training={"nodes": 2, "processesPerNode": 8}))
+    jobs = [stage_job(run, 1, "respond", 1, endpoint_url="http://x:8000/v1"), stage_job(run, 1, "build-sft", 1),
+            stage_job(run, 1, "evaluate", 1, endpoint_url="http://x:8000/v1"),
+            training_job(run, 1, "train-generator", 1)]
+    vllm_pod = serving_deployment(run, 0, 1)["spec"]["template"]
+    (monitor,) = [m for m in of_kind(rendered["cluster-monitoring_on-netpol_off"], "PodMonitor")
+                  if m["metadata"]["name"].endswith("-jobs")]
+    assert not label_match(monitor["spec"]["selector"], vllm_pod["metadata"]["labels"])
+    for job in jobs:
+        pod = job["spec"]["template"]
+        assert label_match(monitor["spec"]["selector"], pod["metadata"]["labels"])
+        container = pod["spec"]["containers"][0]
+        port = next(p for p in container["ports"] if p["name"] == "metrics")
+        assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+        assert port["containerPort"] == METRICS_PORT
+        cmd = container["command"]
+        assert cmd[cmd.index("--metrics-port") + 1] == str(METRICS_PORT)
 
 
 def test_prometheus_rule_and_dashboard_are_the_generated_files(rendered):
@@ -306,7 +326,10 @@ def test_network_policy_confines_the_data_jobs(rendered):
         policy = policies[0]["spec"]
         selected = {name for name, pod in pods.items() if label_match(policy["podSelector"], pod["metadata"]["labels"])}
         assert selected == {"data", "build-sft", "evaluation"}
-        assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["ingress"] == []
+        assert policy["policyTypes"] == ["Ingress", "Egress"]
+        # nothing comes in but the metrics scrape, on the Jobs' metrics port only
+        assert policy["ingress"] == [{"from": [{"namespaceSelector": {}}],
+                                      "ports": [{"protocol": "TCP", "port": METRICS_PORT}]}]
         inference, dns, s3 = policy["egress"]
         (peer,) = inference["to"]
         assert set(peer) == {"podSelector"} and label_match(peer["podSelector"], pods["vllm"]["metadata"]["labels"])
@@ -316,6 +339,12 @@ def test_network_policy_confines_the_data_jobs(rendered):
         assert {p["protocol"] for p in dns["ports"]} == {"UDP", "TCP"} and {p["port"] for p in dns["ports"]} == {53}
         assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
         assert s3 == {"to": [{"ipBlock": {"cidr": S3_CIDR}}], "ports": [{"protocol": "TCP", "port": 443}]}
+
+
+def test_network_policy_can_let_nothing_in():
+    docs = helm_docs({"networkPolicy": {"enabled": True, "s3": {"cidrs": [S3_CIDR]}, "metricsFrom": []}})
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["ingress"] == []
 
 
 def test_network_policy_extra_egress_and_namespaces():
