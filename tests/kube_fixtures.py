@@ -312,9 +312,8 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
         return None if obj.deleted else obj.raw
 
     # kmock keeps every request and matches each new one against all of them (quadratic); a run makes thousands.
-    # Only a recent window is kept (far more than ever run concurrently); `writes` keeps what tests assert on.
+    # Only a recent window is kept (far more than ever run concurrently); `log` keeps what tests assert on.
     request_window: int = 32
-    writes: list = attrs.field(factory=list, init=False)
     log: list = attrs.field(factory=list, init=False)
     after_write: object = attrs.field(default=None, init=False)
     blocked: set = attrs.field(factory=set, init=False)
@@ -341,11 +340,6 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
         return response
 
     async def _handle_realistically(self, request):
-        if request.resource is not None and request.action in (
-                _kmock_enums.action.CREATE, _kmock_enums.action.UPDATE, _kmock_enums.action.DELETE):
-            name = request.name or ((request.data or {}).get("metadata") or {}).get("name") \
-                if isinstance(request.data, dict) or request.name else request.name
-            self.writes.append((request.action.name, request.resource.plural, name, request.subresource))
         data = request.data
         if request.resource is not None and request.action == _kmock_enums.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
@@ -481,6 +475,18 @@ async def prepare_api(k8s) -> None:
             assert rsp.status < 400
 
 
+@contextlib.asynccontextmanager
+async def prepared_cluster(k8s, monkeypatch, probe: MemoryProbe | None = None):
+    """The test's hands (a Cluster) on kmock's API server `k8s`, prepared as prepare_api does, with kmock's path
+    parser fixed (parse_path) for the test."""
+    from kmock._internal import parsing
+
+    monkeypatch.setattr(parsing, "parse_path", parse_path)
+    await prepare_api(k8s)
+    async with aiohttp.ClientSession(base_url=str(k8s.url)) as session:
+        yield Cluster(k8s, session, probe)
+
+
 class Cluster:
     """The test's hands on the API server: apply runs, read them, and play the cluster's controllers and pods."""
 
@@ -518,6 +524,9 @@ class Cluster:
         return await self.request("PATCH", f"{PATHS[kind]}/{name}" + (f"/{sub}" if sub else ""), body, MERGE,
                                   ok=(404,))
 
+    async def patch_run(self, body: dict, sub: str | None = None, name: str = "demo") -> dict | None:
+        return await self.request("PATCH", f"{RUNS_PATH}/{name}" + (f"/{sub}" if sub else ""), body, MERGE)
+
     async def events(self) -> list[dict]:
         return await self.items("Event")
 
@@ -530,6 +539,16 @@ class Cluster:
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"timed out waiting for {what}; status: {st}")
             await asyncio.sleep(0.05)
+
+    async def until(self, predicate, what: str, timeout: float = 15.0, name: str = "demo"):
+        """Poll `await predicate()` until it is true, and return it; the timeout only bounds a failing test."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (result := await predicate()):
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; status: {await self.status(name)}")
+            await asyncio.sleep(0.05)
+        return result
 
     # -- the cluster's part (each idempotent: doing it twice is doing it once)
 
@@ -629,9 +648,10 @@ class Replica:
     flight lands), then its task is cancelled. `stop()` is a graceful SIGTERM."""
 
     def __init__(self, cluster: Cluster, token: str, *, poll: float = 0.3, peering: str | None = None,
-                 priority: int = 0, probe=None, configure=None, metrics=None):
+                 priority: int = 0, probe=None, configure=None, metrics=None, clusterwide: bool = False):
+        """`clusterwide`: serve every namespace (else only NS)."""
         self.cluster, self.token, self.poll, self.metrics = cluster, token, poll, metrics
-        self.peering, self.priority = peering, priority
+        self.peering, self.priority, self.clusterwide = peering, priority, clusterwide
         self.probe, self.configure = probe, configure
         self.controller = None
         self.ready_flag = threading.Event()
@@ -660,7 +680,8 @@ class Replica:
         registry, self.controller = build_registry(options)
         peering = {"peering_name": self.peering, "priority": self.priority} if self.peering else {"standalone": True}
         self.loop, self.task, self.stop_flag = asyncio.get_running_loop(), asyncio.current_task(), asyncio.Event()
-        await kopf.operator(registry=registry, namespaces=[NS], stop_flag=self.stop_flag,
+        await kopf.operator(registry=registry, clusterwide=self.clusterwide,
+                            namespaces=[] if self.clusterwide else [NS], stop_flag=self.stop_flag,
                             ready_flag=self.ready_flag, identity=self.token, **peering)
 
     def _thread(self) -> None:

@@ -12,34 +12,27 @@ finished Jobs deleted, and the deletion of the run (finalizer, children, artifac
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
-import aiohttp
 import attrs
 import kmock as kmock_lib
-import kopf
 import pytest
 import yaml
 
-from kube_fixtures import MANIFESTS, RealisticKubernetes, current_child, parse_path, spec
+from kube_fixtures import (
+    CHILD_PLURALS,
+    NS,
+    PATHS,
+    RUNS_PATH,
+    MemoryProbe,
+    RealisticKubernetes,
+    current_child,
+    operator,
+    prepared_cluster,
+    spec,
+)
 from selflengthen.operator import deploy
-from selflengthen.operator.crd import crd
-from selflengthen.operator.handlers import OperatorOptions, build_registry
 from selflengthen.operator.probe import store_probe
 
-NS = "ml"
 TOKEN = "operator-service-account-token"
-RUNS = f"/apis/selflengthen.io/v1alpha1/namespaces/{NS}/selflengthenruns"
-PATHS = {
-    "Job": f"/apis/batch/v1/namespaces/{NS}/jobs",
-    "Deployment": f"/apis/apps/v1/namespaces/{NS}/deployments",
-    "Service": f"/api/v1/namespaces/{NS}/services",
-    "ConfigMap": f"/api/v1/namespaces/{NS}/configmaps",
-    "Secret": f"/api/v1/namespaces/{NS}/secrets",
-}
-MERGE = {"Content-Type": "application/merge-patch+json"}
-CHILDREN = ("configmaps", "services", "deployments", "jobs")
 
 
 @attrs.define(kw_only=True)
@@ -104,172 +97,56 @@ class EnforcingKubernetes(RealisticKubernetes):
 pytestmark = pytest.mark.kmock(cls=EnforcingKubernetes)
 
 
-class MemoryProbe:
-    def __init__(self):
-        self.markers: dict[tuple[int, str], dict] = {}
-        self.deleted = False
-
-    def done(self, iteration, stage):
-        return (iteration, stage) in self.markers
-
-    def manifest(self, iteration, stage):
-        return self.markers.get((iteration, stage))
-
-    def delete_run(self):
-        self.deleted = True
-        count = len(self.markers)
-        self.markers.clear()
-        return count
-
-
-class Admin:
-    """The test's own client (no operator token): applies runs and plays the cluster's controllers and pods."""
-
-    def __init__(self, session: aiohttp.ClientSession, probe: MemoryProbe):
-        self.http, self.probe = session, probe
-
-    async def request(self, method: str, path: str, body=None, headers=None, missing_ok: bool = False):
-        async with self.http.request(method, path, json=body, headers=headers) as rsp:
-            data = await rsp.json(content_type=None)
-            if missing_ok and rsp.status == 404:
-                return None
-            assert rsp.status < 400, (method, path, rsp.status, data)
-            return data
-
-    async def run(self) -> dict | None:
-        return await self.request("GET", f"{RUNS}/demo", missing_ok=True)
-
-    async def status(self) -> dict:
-        return ((await self.run()) or {}).get("status") or {}
-
-    async def names(self, kind: str) -> list[str]:
-        return sorted(o["metadata"]["name"] for o in (await self.request("GET", PATHS[kind]))["items"])
-
-    async def get(self, kind: str, name: str) -> dict:
-        return await self.request("GET", f"{PATHS[kind]}/{name}")
-
-    async def patch(self, kind: str, name: str, body: dict, sub: str | None = None) -> dict:
-        return await self.request("PATCH", f"{PATHS[kind]}/{name}" + (f"/{sub}" if sub else ""), body, MERGE)
-
-    async def patch_run(self, body: dict) -> dict:
-        return await self.request("PATCH", f"{RUNS}/demo", body, MERGE)
-
-    async def until(self, predicate, what: str, timeout: float = 30.0):
-        """Poll until predicate() (async) is true; the timeout only bounds a failing test."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not (result := await predicate()):
-            if loop.time() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; status: {await self.status()}")
-            await asyncio.sleep(0.05)
-        return result
-
-    async def play(self) -> None:
-        """The cluster's next part for the run's current step, then wait until the operator moved on."""
-        st = await self.status()
-        phase, child = st.get("phase"), current_child(st)
-        if phase == "Serving":
-            n = (await self.get("Deployment", child))["spec"]["replicas"]
-            await self.patch("Deployment", child, {"status": {"replicas": n, "readyReplicas": n,
-                                                              "availableReplicas": n}}, "status")
-        elif phase == "ScalingDown":
-            for dep in await self.names("Deployment"):
-                await self.patch("Deployment", dep, {"status": {"replicas": 0, "readyReplicas": 0}}, "status")
-        elif phase in ("Generating", "Training", "Evaluating"):
-            labels = (await self.get("Job", child))["metadata"]["labels"]
-            key = (int(labels["selflengthen.io/iteration"]), labels["selflengthen.io/stage"])
-            self.probe.markers[key] = MANIFESTS.get(key[1]) or {"stage": key[1]}
-            await self.patch("Job", child, {"status": {"succeeded": 1, "conditions": [
-                {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}}, "status")
-        else:
-            raise AssertionError(f"nothing to play in phase {phase}: {st}")
-
-        async def moved():
-            s = await self.status()
-            return (s.get("phase"), current_child(s)) != (phase, child)
-
-        await self.until(moved, f"progress after {phase} {child}")
-
-
-def fast_settings(settings: kopf.OperatorSettings) -> None:
-    settings.watching.reconnect_backoff = 0.1
-    settings.queueing.idle_timeout = 1.0
-    settings.queueing.exit_timeout = 1.0
-
-
-@pytest.fixture
-def _paths(monkeypatch):
-    from kmock._internal import parsing
-
-    monkeypatch.setattr(parsing, "parse_path", parse_path)
-
-
-@contextlib.asynccontextmanager
-async def operator(k8s, probe: MemoryProbe, scope: str):
+def store_probe_once(probe: MemoryProbe):
+    """The operator's probe factory: the real path once (the run's credentials Secret, read with the operator's
+    token), then the in-memory store stand-in the "pods" write their markers to."""
     calls = {"store": 0}
 
     async def probe_factory(kube, run):
-        if not calls["store"]:  # the real path once: the run's credentials Secret, read with the operator's token
+        if not calls["store"]:
             await store_probe(kube, run)
         calls["store"] += 1
         return probe
 
-    options = OperatorOptions(
-        poll_seconds=0.3, probe=probe_factory, configure=fast_settings,
-        login=lambda **_: kopf.ConnectionInfo(server=str(k8s.url), token=TOKEN))
-    registry, controller = build_registry(options)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(kopf.operator(
-        registry=registry, clusterwide=scope == "cluster", namespaces=[] if scope == "cluster" else [NS],
-        peering_name=deploy.PEERING, priority=100, stop_flag=stop, ready_flag=ready))
-    await asyncio.wait_for(ready.wait(), 10)
-    try:
-        yield controller
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
+    return probe_factory
 
 
-async def whole_run(k8s, scope: str) -> MemoryProbe:
+def kopf_posts_events(settings) -> None:
+    settings.posting.enabled = True  # as installed: kopf's own events (its warnings) are the operator's calls too
+
+
+async def whole_run(k8s, monkeypatch, scope: str) -> MemoryProbe:
     """Every code path of the operator that makes a distinct API call, in one run; returns the store stand-in."""
-    k8s.resources.load_bundled()
-    k8s.register_crd(crd())
-    for peering in deploy.peering_crds():
-        k8s.register_crd(peering)
-    k8s.scope, k8s.namespaces, k8s.conflict_once = scope, {NS}, set(CHILDREN)
-    probe = MemoryProbe()
-    connector = aiohttp.TCPConnector(force_close=True)  # kopf cancels the server's handlers of kept-alive ones
-    async with aiohttp.ClientSession(base_url=str(k8s.url), connector=connector) as session:
-        admin = Admin(session, probe)
-        await admin.request("POST", "/api/v1/namespaces", {"metadata": {"name": NS}})
+    k8s.scope, k8s.namespaces, k8s.conflict_once = scope, {NS}, set(CHILD_PLURALS)
+    # the test's own client (an administrator, no operator token): applies runs, plays the controllers and pods
+    async with prepared_cluster(k8s, monkeypatch) as admin:
         # what the chart installs: the peering object of the mode
         if scope == "cluster":
             await admin.request("POST", "/apis/kopf.dev/v1/clusterkopfpeerings",
                                 {"metadata": {"name": deploy.PEERING}})
         else:
-            await admin.request("POST", f"/apis/kopf.dev/v1/namespaces/{NS}/kopfpeerings",
-                                {"metadata": {"name": deploy.PEERING}})
+            await admin.request("POST", PATHS["KopfPeering"], {"metadata": {"name": deploy.PEERING}})
         await admin.request("POST", PATHS["Secret"], {"metadata": {"name": "s3-credentials"}, "type": "Opaque",
                                                       "data": {"AWS_ACCESS_KEY_ID": "QUtJQUZBS0U=",
                                                                "AWS_SECRET_ACCESS_KEY": "ZmFrZQ=="}})
         run_spec = spec(iterations=1, evaluate={"enabled": True}, retention={"artifacts": "Delete", "jobs": "Delete"})
-        await admin.request("POST", RUNS, {"apiVersion": "selflengthen.io/v1alpha1", "kind": "SelfLengthenRun",
-                                           "metadata": {"name": "demo"}, "spec": run_spec})
-        async with operator(k8s, probe, scope):
-            async def phase(*names):
-                return (await admin.status()).get("phase") in names
+        await admin.apply("demo", run_spec)
+        async with operator(admin, TOKEN, peering=deploy.PEERING, priority=100, probe=store_probe_once(admin.probe),
+                            configure=kopf_posts_events, clusterwide=scope == "cluster"):
+            def phase(*names):
+                return lambda s: s.get("phase") in names
 
-            await admin.until(lambda: phase("Serving"), "Serving")
+            await admin.wait(phase("Serving"), "Serving")
             await admin.play()  # the server is ready: the first stage's Job starts
-            await admin.until(lambda: phase("Generating"), "Generating")
+            await admin.wait(phase("Generating"), "Generating")
             job = current_child(await admin.status())
 
             # suspend: the running Job is suspended and vLLM scaled to 0; resume undoes both
             await admin.patch_run({"spec": {"suspend": True}})
-            await admin.until(lambda: phase("Suspended"), "Suspended")
+            await admin.wait(phase("Suspended"), "Suspended")
             assert (await admin.get("Job", job))["spec"]["suspend"] is True
             await admin.patch_run({"spec": {"suspend": False}})
-            await admin.until(lambda: phase("Generating", "Serving"), "resumed")
+            await admin.wait(phase("Generating", "Serving"), "resumed")
 
             async def job_resumed():
                 return (await admin.get("Job", job))["spec"]["suspend"] is False
@@ -296,20 +173,20 @@ async def whole_run(k8s, scope: str) -> MemoryProbe:
             await admin.until(jobs_gone, "finished Jobs deleted")
 
             # deletion: children removed, artifacts deleted (retention.artifacts: Delete), finalizer released
-            await admin.request("DELETE", f"{RUNS}/demo")
+            await admin.request("DELETE", f"{RUNS_PATH}/demo")
 
             async def run_gone():
                 return await admin.run() is None
 
             await admin.until(run_gone, "the run deleted")
-            assert probe.deleted and await admin.names("ConfigMap") == []
-    assert sorted(k8s.conflicts) == sorted(CHILDREN), "every kind of child met an existing one once"
-    return probe
+            assert admin.probe.deleted and await admin.names("ConfigMap") == []
+    assert sorted(k8s.conflicts) == sorted(CHILD_PLURALS), "every kind of child met an existing one once"
+    return admin.probe
 
 
 @pytest.mark.parametrize("scope", deploy.SCOPES)
-async def test_rules_are_exactly_what_the_operator_uses(_paths, kmock, scope):
-    await whole_run(kmock, scope)
+async def test_rules_are_exactly_what_the_operator_uses(monkeypatch, kmock, scope):
+    await whole_run(kmock, monkeypatch, scope)
     assert kmock.denied == set(), f"the operator needed more than its rules: {kmock.denied}"
     assert kmock.used == deploy.all_granted(scope), (
         f"granted but never used: {deploy.all_granted(scope) - kmock.used}")

@@ -289,48 +289,47 @@ def shard_writes(request: Request, shard: str) -> bool:
     return request.method == "PUT" and request.key.endswith(shard)
 
 
+def writers_a_and_b(proxy, prefix: str, s3_endpoint: str) -> tuple[StageArtifacts, StageArtifacts]:
+    """Two writers of one stage's work shards: A through the faulty proxy, B straight to S3."""
+    return (StageArtifacts(S3Store(BUCKET, prefix, endpoint_url=proxy.url), "race", 1, "respond"),
+            StageArtifacts(S3Store(BUCKET, prefix, endpoint_url=s3_endpoint), "race", 1, "respond"))
+
+
+def b_writes_before_a_retries(proxy, b: StageArtifacts, shard: int, first_try: str) -> dict:
+    """Plans the proxy: A's first PUT of work shard `shard` meets the fault `first_try`, and B writes that shard
+    between it and A's retry. Returns the results, B's under "b"."""
+    results = {}
+
+    def plan(request: Request) -> str | None:
+        if not shard_writes(request, f"work/part-{shard:05d}.jsonl"):
+            return None
+        if request.attempt == 1:
+            return first_try
+        results.setdefault("b", b.write_work(shard, rows_of("b")))
+        return None
+
+    proxy.plan = plan
+    return results
+
+
 @pytest.mark.parametrize("lost", ["drop-after", "500-after"])
 def test_a_won_write_whose_reply_was_lost_still_reports_the_win(proxy, prefix, moto, backoffs, s3_endpoint, lost):
     """Writer A's PUT creates the shard but its reply is lost; writer B (straight to S3) then loses; botocore
     resends A's PUT, S3 answers 412 to A's own object: A is told it won (True), B lost (False), A's rows stand."""
-    shard = "work/part-00000.jsonl"
-    a = StageArtifacts(S3Store(BUCKET, prefix, endpoint_url=proxy.url), "race", 1, "respond")
-    b = StageArtifacts(S3Store(BUCKET, prefix, endpoint_url=s3_endpoint), "race", 1, "respond")
-    results = {}
-
-    def plan(request: Request) -> str | None:
-        if not shard_writes(request, shard):
-            return None
-        if request.attempt == 1:
-            return lost
-        results.setdefault("b", b.write_work(0, rows_of("b")))  # between A's lost reply and A's retry
-        return None
-
-    proxy.plan = plan
+    a, b = writers_a_and_b(proxy, prefix, s3_endpoint)
+    results = b_writes_before_a_retries(proxy, b, 0, lost)
     results["a"] = a.write_work(0, rows_of("a"))
     assert results == {"a": True, "b": False}
     assert a.read_work(0) == rows_of("a")
-    statuses = [kind for request, kind in proxy.requests if shard_writes(request, shard)]
+    statuses = [kind for request, kind in proxy.requests if shard_writes(request, "work/part-00000.jsonl")]
     assert statuses == [lost, None]  # A's retry reached S3 and got 412
 
 
 def test_a_write_lost_before_it_reached_s3_reports_the_loss(proxy, prefix, moto, backoffs, s3_endpoint):
     """Writer A's PUT is dropped on the way (S3 never saw it); B writes the shard; A's retry gets 412 for B's
     object: A is told it lost (False), B won, B's rows stand."""
-    shard = "work/part-00003.jsonl"
-    a = StageArtifacts(S3Store(BUCKET, prefix, endpoint_url=proxy.url), "race", 1, "respond")
-    b = StageArtifacts(S3Store(BUCKET, prefix, endpoint_url=s3_endpoint), "race", 1, "respond")
-    results = {}
-
-    def plan(request: Request) -> str | None:
-        if not shard_writes(request, shard):
-            return None
-        if request.attempt == 1:
-            return "drop"
-        results.setdefault("b", b.write_work(3, rows_of("b")))
-        return None
-
-    proxy.plan = plan
+    a, b = writers_a_and_b(proxy, prefix, s3_endpoint)
+    results = b_writes_before_a_retries(proxy, b, 3, "drop")
     results["a"] = a.write_work(3, rows_of("a"))
     assert results == {"a": False, "b": True}
     assert a.read_work(3) == rows_of("b")
@@ -338,8 +337,7 @@ def test_a_write_lost_before_it_reached_s3_reports_the_loss(proxy, prefix, moto,
 
 def test_identical_rows_from_two_writers_still_have_one_winner(proxy, prefix, backoffs, s3_endpoint):
     """Reruns write the same rows (seeded requests): the winner is decided by who wrote, not by the bytes."""
-    a = StageArtifacts(S3Store(BUCKET, prefix, endpoint_url=proxy.url), "race", 1, "respond")
-    b = StageArtifacts(S3Store(BUCKET, prefix, endpoint_url=s3_endpoint), "race", 1, "respond")
+    a, b = writers_a_and_b(proxy, prefix, s3_endpoint)
     proxy.plan = lambda r: "drop-after" if r.method == "PUT" and r.attempt == 1 else None
     assert a.write_work(0, rows_of("same")) is True
     assert b.write_work(0, rows_of("same")) is False
