@@ -15,6 +15,7 @@ from .crd import CHART_DIR, GROUP, PLURAL, crd
 
 PEERING = "selflengthen"
 UID = 10001  # the non-root user of the images (images/Dockerfile.*)
+METRICS_PORT = 9090  # the operator's /metrics (the chart's metrics.port default)
 LABELS = {"app.kubernetes.io/name": "selflengthen-operator", "app.kubernetes.io/part-of": "selflengthen"}
 
 
@@ -138,7 +139,10 @@ def manifests(*, image: str, namespace: str = "selflengthen-system", watch_names
          "spec": {
              "replicas": replicas,
              "selector": {"matchLabels": LABELS},
-             "template": {"metadata": {"labels": LABELS}, "spec": {
+             # no Prometheus Operator assumed here: the common scrape annotations (the chart has a ServiceMonitor)
+             "template": {"metadata": {"labels": LABELS, "annotations": {
+                 "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                 "prometheus.io/path": "/metrics"}}, "spec": {
                  "serviceAccountName": "selflengthen-operator",
                  "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
                                      "seccompProfile": {"type": "RuntimeDefault"}},
@@ -147,10 +151,12 @@ def manifests(*, image: str, namespace: str = "selflengthen-system", watch_names
                      "name": "operator",
                      "image": image,
                      "command": ["python", "-m", "selflengthen.operator", "run", *scope, "--peering", PEERING,
-                                 "--liveness", "http://0.0.0.0:8080/healthz", "--log-format", "json"],
+                                 "--liveness", "http://0.0.0.0:8080/healthz", "--log-format", "json",
+                                 "--metrics-port", str(METRICS_PORT), "--metrics-addr", "0.0.0.0"],  # noqa: S104
                      # kopf's identity in the peering: the pod's name
                      "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-                     "ports": [{"name": "health", "containerPort": 8080}],
+                     "ports": [{"name": "health", "containerPort": 8080},
+                               {"name": "metrics", "containerPort": METRICS_PORT}],
                      "livenessProbe": {"httpGet": {"path": "/healthz", "port": "health"},
                                        "periodSeconds": 20, "timeoutSeconds": 5, "failureThreshold": 3},
                      "readinessProbe": {"httpGet": {"path": "/healthz", "port": "health"},

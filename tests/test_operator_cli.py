@@ -48,6 +48,11 @@ def test_manifests_are_valid_kubernetes_objects(capsys):
     args = build_parser().parse_args(command[3:])
     assert args.namespace == ["ml"] and args.peering == "selflengthen" and args.log_format == "json"
     assert args.liveness.endswith("/healthz")
+    # its metrics are served on the pod's IP, on the port the pod declares and announces for scraping
+    template = deployment["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+    assert args.metrics_addr == "0.0.0.0" and ports["metrics"] == args.metrics_port
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
 
 
 def test_run_arguments():
