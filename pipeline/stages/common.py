@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
@@ -133,7 +134,8 @@ def finalize_with_drop_short(
 ) -> tuple[int, int]:
     """Write the accepted work rows as outputs, after the seeded drop_short if enabled. Two streaming passes:
     lengths first, then rows, so memory holds only the lengths. Returns (accepted, kept)."""
-    lengths = [count_words(r[text_key]) for r in artifacts.iter_work() if accepted(r)]
+    # 4 bytes a length (an array, not a list of int objects): the one thing held per item
+    lengths = array("i", (count_words(r[text_key]) for r in artifacts.iter_work() if accepted(r)))
     if ctx.config.filters.drop_short and lengths:
         mask = drop_short_mask(lengths, ctx.seed(artifacts.stage, "drop-short"))
     else:
@@ -142,6 +144,32 @@ def finalize_with_drop_short(
     rows = (r for r in artifacts.iter_work() if accepted(r) and next(keep))
     kept = artifacts.write_outputs(rows, ctx.config.storage.shard_size)
     return len(lengths), kept
+
+
+def work_totals(artifacts: StageArtifacts) -> tuple[int, dict[str, int]]:
+    """Requests made and tries rejected per reason over a stage's work rows, in one streamed pass."""
+    requests, rejected = 0, Counter()
+    for row in artifacts.iter_work():
+        requests += row.get("requests", 0)
+        rejected.update(row.get("rejections", {}))
+    return requests, dict(rejected)
+
+
+class Words:
+    """Count, sum and maximum of word counts, added one row at a time: a manifest's averages without holding the
+    rows (a stage's memory stays flat however many items it has)."""
+
+    def __init__(self) -> None:
+        self.count = self.total = self.max = 0
+
+    def add(self, words: int) -> None:
+        self.count += 1
+        self.total += words
+        self.max = max(self.max, words)
+
+    @property
+    def average(self) -> float:
+        return round(self.total / self.count, 2) if self.count else 0.0
 
 
 def tally(rows: Iterable[dict]) -> Counter:

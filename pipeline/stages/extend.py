@@ -19,7 +19,7 @@ import math
 from .. import prompts
 from ..text import count_words, split_paragraphs
 from . import StageContext
-from .common import average, chunks, finalize_with_drop_short, make_client, process_shards, reject_reason, tally
+from .common import Words, chunks, finalize_with_drop_short, make_client, process_shards, reject_reason, work_totals
 
 NAME = "extend"
 REQUIRES = ("respond",)
@@ -105,8 +105,11 @@ async def _run(ctx: StageContext) -> dict:
                              total=total)
 
     passed, kept = finalize_with_drop_short(ctx, artifacts, lambda r: r["id"] is not None, "extended")
-    work = list(artifacts.iter_work())
-    out = [(r["initialWords"], r["words"]) for r in artifacts.read_outputs()]
+    requests, rejected = work_totals(artifacts)
+    initial, extended = Words(), Words()
+    for row in artifacts.read_outputs():
+        initial.add(row["initialWords"])
+        extended.add(row["words"])
     return {
         "counts": {
             "responses": total,
@@ -115,11 +118,11 @@ async def _run(ctx: StageContext) -> dict:
             "failed": total * ext.attempts - passed,
             "droppedShort": passed - kept,
             "accepted": kept,
-            "requests": sum(r["requests"] for r in work),
-            "rejected": dict(tally(work)),
+            "requests": requests,
+            "rejected": rejected,
         },
-        "averageWordsInitial": average([i for i, _ in out]),
-        "averageWords": average([w for _, w in out]),
-        "maxWords": max((w for _, w in out), default=0),
-        "growth": round(sum(w for _, w in out) / max(1, sum(i for i, _ in out)), 3),
+        "averageWordsInitial": initial.average,
+        "averageWords": extended.average,
+        "maxWords": extended.max,
+        "growth": round(extended.total / max(1, initial.total), 3),
     }

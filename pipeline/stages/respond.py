@@ -7,7 +7,15 @@ import asyncio
 
 from ..text import count_words
 from . import StageContext
-from .common import average, chunks, finalize_with_drop_short, make_client, process_shards, reject_reason, tally
+from .common import (
+    Words,
+    chunks,
+    finalize_with_drop_short,
+    make_client,
+    process_shards,
+    reject_reason,
+    work_totals,
+)
 
 NAME = "respond"
 REQUIRES = ("self-instruct",)
@@ -50,8 +58,10 @@ async def _run(ctx: StageContext) -> dict:
                              total=total)
 
     passed, kept = finalize_with_drop_short(ctx, artifacts, lambda r: r["id"] is not None, "response")
-    work = list(artifacts.iter_work())
-    words = [r["words"] for r in artifacts.read_outputs()]
+    requests, rejected = work_totals(artifacts)
+    words = Words()
+    for row in artifacts.read_outputs():
+        words.add(row["words"])
     return {
         "counts": {
             "instructions": total,
@@ -60,9 +70,9 @@ async def _run(ctx: StageContext) -> dict:
             "failed": total * samples - passed,
             "droppedShort": passed - kept,
             "accepted": kept,
-            "requests": sum(r["requests"] for r in work),
-            "rejected": dict(tally(work)),
+            "requests": requests,
+            "rejected": rejected,
         },
-        "averageWords": average(words),
-        "maxWords": max(words, default=0),
+        "averageWords": words.average,
+        "maxWords": words.max,
     }

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from collections import Counter
 
 from .. import prompts
 from ..data import load_seed_instructions
 from ..text import count_words
 from . import StageContext, StageError
-from .common import average, chunks, make_client, process_shards, tally
+from .common import Words, chunks, make_client, process_shards, work_totals
 
 NAME = "self-instruct"
 
@@ -109,19 +110,25 @@ async def _run(ctx: StageContext) -> dict:
         shards = chunks(slots, cfg.storage.shard_size)
         await process_shards(ctx, artifacts, shards, handle, total=total)
 
-    accepted = [r for r in artifacts.iter_work() if r["instruction"]]
-    artifacts.write_outputs(
-        ({k: r[k] for k in ("id", "language", "instruction", "words")} for r in accepted), cfg.storage.shard_size
-    )
-    work = list(artifacts.iter_work())
+    words, by_language = Words(), Counter()
+
+    def accepted():
+        for r in artifacts.iter_work():
+            if r["instruction"]:
+                words.add(r["words"])
+                by_language[r["language"]] += 1
+                yield {k: r[k] for k in ("id", "language", "instruction", "words")}
+
+    count = artifacts.write_outputs(accepted(), cfg.storage.shard_size)
+    requests, rejected = work_totals(artifacts)
     return {
         "counts": {
             "requested": total,
-            "accepted": len(accepted),
-            "failed": total - len(accepted),
-            "requests": sum(r["requests"] for r in work),
-            "rejected": dict(tally(work)),
+            "accepted": count,
+            "failed": total - count,
+            "requests": requests,
+            "rejected": rejected,
         },
-        "averageWords": average([r["words"] for r in accepted]),
-        "byLanguage": {lang: sum(1 for r in accepted if r["language"] == lang) for lang in cfg.languages},
+        "averageWords": words.average,
+        "byLanguage": {lang: by_language[lang] for lang in cfg.languages},
     }
