@@ -24,6 +24,7 @@ Store layout, for role R of iteration NN:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -353,6 +354,22 @@ def _load_model(config: RunConfig, base: str, previous: Path | None, precision: 
     return model
 
 
+@functools.cache
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the process group while the interpreter is still whole: left to interpreter finalization, gloo's
+    worker threads can abort the process (SIGABRT, "terminate called without an active exception") after a
+    successful training. Once a process, after its last collective."""
+    import atexit
+
+    def destroy() -> None:
+        import torch.distributed as td
+
+        if td.is_available() and td.is_initialized():
+            td.destroy_process_group()
+
+    atexit.register(destroy)
+
+
 def _lora_summary(model) -> dict | None:
     """The adapter's actual LoRA settings (in iteration k > 1 they are those of the adapter continued)."""
     peft_config = getattr(model, "peft_config", {}).get("default")
@@ -429,6 +446,8 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
     )
     _ = args.device  # sets up the process group (torchrun / accelerate env) or a single process
     dist = PartialState()  # the state TrainingArguments set up
+    if dist.num_processes > 1:
+        _destroy_process_group_at_exit()
 
     # The local main process of each node prepares the node's files; the others wait at a collective.
     with args.main_process_first(local=True, desc="preparing local files"):
