@@ -394,18 +394,28 @@ def _quiet():
             hf_logging.enable_progress_bar()
 
 
-def cpu_rows(quick: bool) -> list[Row]:
-    size = QUICK if quick else FULL
-    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+def _compare_in_tempdir(size: dict, prefix: str, threads: int | None = None) -> dict:
+    """`compare` in a temporary directory removed afterwards, quietly, with `threads` torch threads if given."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        with _quiet(), _threads(size["threads"]):
-            result = compare(size, root)
+        with _quiet(), (_threads(threads) if threads else contextlib.nullcontext()):
+            return compare(size, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _medians(pairs: list[dict]) -> tuple[float, float, float]:
+    """Median ratio, our median tokens/s and the baseline's, over the pairs."""
+    return (statistics.median(p["ratio"] for p in pairs),
+            statistics.median(p["ours"]["tokensPerSecond"] for p in pairs),
+            statistics.median(p["baseline"]["tokensPerSecond"] for p in pairs))
+
+
+def cpu_rows(quick: bool) -> list[Row]:
+    size = QUICK if quick else FULL
+    result = _compare_in_tempdir(size, "bench-train-", threads=size["threads"])
     pairs = result["pairs"]
-    ratio = statistics.median(p["ratio"] for p in pairs)
-    ours_tps = statistics.median(p["ours"]["tokensPerSecond"] for p in pairs)
-    base_tps = statistics.median(p["baseline"]["tokensPerSecond"] for p in pairs)
+    ratio, ours_tps, base_tps = _medians(pairs)
     d, s = result["data"], size["model"]
     shape = f"Qwen2 {s['layers']}x{s['hidden']} (random init, LoRA r8)"
     data = (f"{d['examples']} examples, {d['tokens']:,} tokens, lengths p50 {d['lengthP50']} / p90 "
@@ -452,16 +462,9 @@ def cuda_row(quick: bool) -> Row:
     size = dict(CUDA, repeats=1) if quick else CUDA
     if quick:
         size = {**size, "examples": 32, "median_words": 60, "cutoff": 512, "heldout": 4}
-    root = Path(tempfile.mkdtemp(prefix="bench-train-cuda-"))
-    try:
-        with _quiet():
-            result = compare(size, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    result = _compare_in_tempdir(size, "bench-train-cuda-")
     pairs = result["pairs"]
-    ratio = statistics.median(p["ratio"] for p in pairs)
-    ours = statistics.median(p["ours"]["tokensPerSecond"] for p in pairs)
-    base = statistics.median(p["baseline"]["tokensPerSecond"] for p in pairs)
+    ratio, ours, base = _medians(pairs)
     peak_ours = max(p["ours"]["peakMemory"] for p in pairs) / 2**30
     peak_base = max(p["baseline"]["peakMemory"] for p in pairs) / 2**30
     d = result["data"]
