@@ -446,7 +446,9 @@ class _Reconciler:
         where = f"iteration {k}/{self.cfg.iterations}" + (f", {stage}" if stage else "") if k else ""
         failure = self.status.get("lastFailure") or {}
         records = (self.iteration_record_if_any(k) or {}).get("stages", {}) if k else {}
-        retrying = any(r.get("state") == "Retrying" for r in records.values())
+        # degraded from a stage's first failed attempt until that stage succeeds: while its retry waits and while
+        # the retry runs (a run on its last attempts is not healthy, even when a Job is running)
+        retrying = any(r.get("failures") and r.get("state") in ("Retrying", "Running") for r in records.values())
         if phase == "Succeeded":
             ready = ("True", "Succeeded", f"all {self.cfg.iterations} iteration(s) done")
         elif phase == "Failed":

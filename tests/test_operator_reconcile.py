@@ -156,6 +156,8 @@ def test_stage_failing_once_is_retried_after_backoff():
     plan = world.step(advance=10)
     assert [repr(a) for a in plan.actions] == ["create Job/demo-i01-self-instruct-a2"]
     assert world.objects[("Job", "demo-i01-self-instruct-a1")]  # the failed attempt is kept for its logs
+    degraded = {c["type"]: c for c in world.status["conditions"]}["Degraded"]
+    assert degraded["status"] == "True" and "attempt 1 failed" in degraded["message"]  # until the retry succeeds
     world.complete("demo-i01-self-instruct-a2")
     world.settle()
     rec = world.status["history"][0]["stages"]["self-instruct"]
