@@ -69,3 +69,13 @@ def prometheus(tmp_path_factory):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def _paths(monkeypatch):
+    """kmock's path parser with our fix for /api/v1/namespaces (kube_fixtures.parse_path), for one test."""
+    from kmock._internal import parsing
+
+    from kube_fixtures import parse_path
+
+    monkeypatch.setattr(parsing, "parse_path", parse_path)

@@ -10,17 +10,10 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kube_fixtures import Cluster, RealisticKubernetes, Replica, parse_path, prepare_api, spec
+from kube_fixtures import Cluster, RealisticKubernetes, Replica, prepare_api, spec
 from selflengthen.pipeline.metrics import Metrics
 
 pytestmark = pytest.mark.kmock(cls=RealisticKubernetes)
-
-
-@pytest.fixture
-def _paths(monkeypatch):
-    from kmock._internal import parsing
-
-    monkeypatch.setattr(parsing, "parse_path", parse_path)
 
 
 async def test_operator_metrics_follow_the_run(_paths, kmock):

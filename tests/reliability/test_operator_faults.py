@@ -31,7 +31,6 @@ from kube_fixtures import (
     Replica,
     current_child,
     operator,
-    parse_path,
     prepare_api,
     spec,
 )
@@ -40,13 +39,6 @@ pytestmark = pytest.mark.kmock(cls=RealisticKubernetes)
 
 ALL_STAGES = ("self-instruct", "respond", "extend", "build-sft", "train-generator", "train-extender", "evaluate")
 PEERING = "selflengthen"
-
-
-@pytest.fixture
-def _paths(monkeypatch):
-    from kmock._internal import parsing
-
-    monkeypatch.setattr(parsing, "parse_path", parse_path)
 
 
 @pytest.fixture

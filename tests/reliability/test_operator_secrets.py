@@ -20,7 +20,7 @@ import uuid
 import aiohttp
 import pytest
 
-from kube_fixtures import PATHS, Cluster, RealisticKubernetes, Replica, parse_path, prepare_api, spec
+from kube_fixtures import PATHS, Cluster, RealisticKubernetes, Replica, prepare_api, spec
 from selflengthen.operator.handlers import default_probe
 from selflengthen.pipeline.store import open_store
 
@@ -29,13 +29,6 @@ from conftest import BUCKET
 pytestmark = pytest.mark.kmock(cls=RealisticKubernetes)
 
 TOKEN = "replica-secrets"  # the operator's own bearer token (not a secret of the run)
-
-
-@pytest.fixture
-def _paths(monkeypatch):
-    from kmock._internal import parsing
-
-    monkeypatch.setattr(parsing, "parse_path", parse_path)
 
 
 @pytest.fixture
