@@ -15,13 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from ..pipeline.config import ConfigError, RunConfig, _format_errors
+from ..pipeline.stages import DATA_STAGES, TRAIN_STAGES, iteration_stages
 
 # RunConfig fields that are not part of the cluster spec (dotted snake_case paths).
 EXCLUDED_CONFIG_FIELDS = ("name", "local", "models.endpoint", "models.api_key_env")
 
-# Stages of one macro-iteration as the operator runs them, in order. The data stages need the inference server.
-DATA_STAGES = ("self-instruct", "respond", "extend")
-TRAIN_STAGES = ("build-sft", "train-generator", "train-extender")
+# Stages of one macro-iteration, in order (pipeline/stages: the contract both orchestrators run). The data stages
+# need the inference server.
 EVAL_STAGE = "evaluate"
 COLLECT_STAGE = "collect"  # optional, once after the last iteration, with that iteration's models (collect.enabled)
 ALL_STAGES = (*DATA_STAGES, *TRAIN_STAGES, EVAL_STAGE, COLLECT_STAGE)
@@ -301,8 +301,4 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
 def run_steps(config: RunConfig) -> list[tuple[int, str]]:
     """The (iteration, stage) steps of a run, in order: the operator's plan, shared by the state machine and the
     store observer."""
-    stages = [*DATA_STAGES, *TRAIN_STAGES] + ([EVAL_STAGE] if config.evaluate.enabled else [])
-    steps = [(k, s) for k in range(1, config.iterations + 1) for s in stages]
-    if config.collect.enabled:
-        steps.append((config.iterations, COLLECT_STAGE))
-    return steps
+    return [(k, s) for k in range(1, config.iterations + 1) for s in iteration_stages(config, k)]

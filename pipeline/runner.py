@@ -21,7 +21,7 @@ from .metrics import Metrics
 from .metrics import metrics as default_metrics
 from .report import read_markdown, refresh_report
 from .serving import VLLMServer
-from .stages import DATA_STAGES, StageContext, StageError, run_stage
+from .stages import DATA_STAGES, StageContext, StageError, iteration_stages, run_stage
 from .store import Store, open_store
 from .tinymodel import resolve_model
 
@@ -33,14 +33,6 @@ log = logging.getLogger("selflengthen.runner")
 STAGE_ROLES = {"self-instruct": ("generator",), "respond": ("generator",), "extend": ("extender",),
                "evaluate": ("generator",), "collect": ("generator", "extender")}
 CURRENT_MODEL_STAGES = ("evaluate", "collect")
-TRAIN_STAGES = ("build-sft", "train-generator", "train-extender")
-
-
-def stages_of_iteration(config: RunConfig, iteration: int | None = None) -> tuple[str, ...]:
-    """The stages the local runner runs in an iteration; collect (when enabled) ends the last one."""
-    last = iteration == config.iterations and config.collect.enabled
-    return (DATA_STAGES + TRAIN_STAGES + (("evaluate",) if config.evaluate.enabled else ())
-            + (("collect",) if last else ()))
 
 
 def phase_of(stage: str) -> str:
@@ -171,7 +163,7 @@ def run_local(
     try:
         for iteration in range(1, config.iterations + 1):
             ctx = StageContext(config=config, iteration=iteration, store=store, progress=bars, metrics=metrics)
-            stages = stages_of_iteration(config, iteration)
+            stages = iteration_stages(config, iteration)
             results[iteration] = {s: ctx.artifacts(s).manifest() for s in stages if ctx.artifacts(s).done()}
             status.iteration(iteration, results[iteration])
             if len(results[iteration]) == len(stages):

@@ -34,6 +34,15 @@ STAGES: dict[str, str] = {
 }
 # Stages of the whole run rather than of one iteration: their artifacts live under <run>/<stage>/.
 RUN_STAGES = ("collect",)
+TRAIN_STAGES = ("build-sft", "train-generator", "train-extender")
+
+
+def iteration_stages(config: RunConfig, iteration: int) -> tuple[str, ...]:
+    """The stages of macro-iteration `iteration`, in order: both orchestrators (the local runner, the operator)
+    run exactly these. evaluate when enabled; collect (when enabled) ends the last iteration."""
+    last = iteration == config.iterations and config.collect.enabled
+    return (DATA_STAGES + TRAIN_STAGES + (("evaluate",) if config.evaluate.enabled else ())
+            + (("collect",) if last else ()))
 
 log = logging.getLogger("selflengthen.stage")
 
