@@ -10,7 +10,6 @@ say (cross-field checks, fields that may not change once the run has started) ar
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from .spec import (
     ClusterSpec,
     merged_sections,
 )
+from .status import RunStatus
 
 GROUP = "selflengthen.io"
 VERSION = "v1alpha1"
@@ -276,73 +276,9 @@ def spec_schema() -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # The status (written by the operator only)
 
-_CONDITION = {
-    "type": "object",
-    "required": ["type", "status"],
-    "properties": {
-        "type": {"type": "string"},
-        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-        "reason": {"type": "string"},
-        "message": {"type": "string"},
-        "lastTransitionTime": {"type": "string", "format": "date-time"},
-        "observedGeneration": {"type": "integer"},
-    },
-}
-_STAGE_RECORD = {
-    "type": "object",
-    "properties": {
-        "state": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed", "Skipped"]},
-        "attempts": {"type": "integer"},
-        "startedAt": {"type": "string", "format": "date-time"},
-        "finishedAt": {"type": "string", "format": "date-time"},
-        "durationSeconds": {"type": "number"},
-        "child": {"type": "string", "description": "Job or Deployment of the latest attempt"},
-        "failures": {"type": "array", "items": {
-            "type": "object",
-            "properties": {"attempt": {"type": "integer"}, "reason": {"type": "string"},
-                           "message": {"type": "string"}, "time": {"type": "string", "format": "date-time"}},
-        }},
-        "counts": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        "averageWords": {"type": "number"},
-        "trainLoss": {"type": "number"},
-        "score": {"type": "number"},
-        "artifactUri": {"type": "string"},
-    },
-}
-STATUS_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "phase": {"type": "string", "enum": ["Pending", "Serving", "Generating", "ScalingDown", "Training",
-                                              "Evaluating", "Suspended", "Succeeded", "Failed"]},
-        "currentIteration": {"type": "integer"},
-        "iterations": {"type": "integer", "description": "spec.iterations as last seen"},
-        "progress": {"type": "string", "description": "k/N for kubectl get"},
-        "stage": {"type": "string"},
-        "averageWords": {"type": "integer", "description": "Average words of the latest extended responses"},
-        "observedGeneration": {"type": "integer"},
-        "startedAt": {"type": "string", "format": "date-time"},
-        "finishedAt": {"type": "string", "format": "date-time"},
-        "nextAttemptAt": {"type": "string", "format": "date-time"},
-        "endpoint": {"type": "string", "description": "The inference Service the data stages use"},
-        "conditions": {"type": "array", "items": _CONDITION, "x-kubernetes-list-type": "map",
-                       "x-kubernetes-list-map-keys": ["type"]},
-        "history": {"type": "array", "description": "Per-iteration records", "items": {
-            "type": "object",
-            "properties": {
-                "iteration": {"type": "integer"},
-                "startedAt": {"type": "string", "format": "date-time"},
-                "finishedAt": {"type": "string", "format": "date-time"},
-                "averageWords": {"type": "number"},
-                "stages": {"type": "object", "additionalProperties": _STAGE_RECORD},
-            },
-        }},
-        "lastFailure": {"type": "object", "properties": {
-            "iteration": {"type": "integer"}, "stage": {"type": "string"}, "attempt": {"type": "integer"},
-            "reason": {"type": "string"}, "message": {"type": "string"},
-            "time": {"type": "string", "format": "date-time"},
-        }},
-    },
-}
+def status_schema() -> dict:
+    """The status schema, from the model the reconciler builds the status with (operator/status.py)."""
+    return openapi_schema(RunStatus)
 
 
 def crd() -> dict:
@@ -354,7 +290,7 @@ def crd() -> dict:
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": spec_schema(),
-            "status": copy.deepcopy(STATUS_SCHEMA),
+            "status": status_schema(),
         },
         "x-kubernetes-validations": [
             _rule(f"self.metadata.name.size() <= {MAX_RUN_NAME}",

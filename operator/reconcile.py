@@ -49,10 +49,9 @@ from .resources import (
     training_service,
 )
 from .spec import COLLECT_STAGE, DATA_STAGES, EVAL_STAGE, SERVING, TRAIN_STAGES, run_steps
+from .status import MAX_FAILURES_KEPT, MAX_MESSAGE, build_status
 
 ACTIVE_PHASES = ("Pending", "Serving", "Generating", "ScalingDown", "Training", "Evaluating")
-MAX_MESSAGE = 1024
-MAX_FAILURES_KEPT = 5
 
 
 @dataclass
@@ -617,7 +616,7 @@ class _Reconciler:
             self.event("Normal", "PhaseChanged", f"{old_phase} -> {new_phase}: iteration "
                        f"{self.status.get('currentIteration')}, {self.status.get('stage')}")
         requeue = min(self.requeue) if self.requeue else None
-        return Plan(self.actions, self.status, self.events, requeue)
+        return Plan(self.actions, build_status(self.status), self.events, requeue)
 
 
 def reconcile(run: Run, generation: int, status: dict | None, observed: Observed, now: dt.datetime) -> Plan:
@@ -641,7 +640,7 @@ def invalid_spec(status: dict | None, generation: int, message: str, now: dt.dat
                       "lastTransitionTime": prev["lastTransitionTime"] if prev and prev.get("status") == value
                       else ts(now), "observedGeneration": generation})
     st["conditions"] = conds
-    return Plan([], st, events, None)
+    return Plan([], build_status(st), events, None)
 
 
 def cleanup_actions(observed: Observed) -> list[Action]:

@@ -10,6 +10,7 @@ Needs the `jsonschema` and `cel-python` packages (test/operator extras).
 from __future__ import annotations
 
 import copy
+import json
 from functools import lru_cache
 from typing import Any
 
@@ -41,6 +42,53 @@ def apply_defaults(schema: dict, value: Any) -> Any:
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         return [apply_defaults(schema["items"], item) for item in value]
     return value
+
+
+# -- pruning ----------------------------------------------------------------------------------------------------------
+
+
+def prune(schema: dict, value: Any, *, root: bool = True) -> Any:
+    """Drop the fields a structural schema does not declare, silently, as the API server does on every write
+    (without fieldValidation=Strict), unless the node says x-kubernetes-preserve-unknown-fields. The root's
+    apiVersion, kind and metadata are the server's own (ObjectMeta), never pruned."""
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        keep = schema.get("x-kubernetes-preserve-unknown-fields")
+        out = {}
+        for key, sub_value in value.items():
+            if root and key in ("apiVersion", "kind", "metadata"):
+                out[key] = sub_value
+            elif props is not None and key in props:
+                out[key] = prune(props[key], sub_value, root=False)
+            elif isinstance(extra, dict):
+                out[key] = prune(extra, sub_value, root=False)
+            elif keep:
+                out[key] = sub_value
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [prune(schema["items"], item, root=False) for item in value]
+    return value
+
+
+def unknown_fields(schema: dict, value: Any, path: tuple = ()) -> list[str]:
+    """The paths `prune` would drop (what fieldValidation=Strict refuses and Warn reports)."""
+    out: list[str] = []
+    if isinstance(value, dict):
+        props, extra = schema.get("properties"), schema.get("additionalProperties")
+        for key, sub_value in value.items():
+            if not path and key in ("apiVersion", "kind", "metadata"):
+                continue
+            if props is not None and key in props:
+                out.extend(unknown_fields(props[key], sub_value, (*path, key)))
+            elif isinstance(extra, dict):
+                out.extend(unknown_fields(extra, sub_value, (*path, key)))
+            elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+                out.append(_path([*path, key]))
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            out.extend(unknown_fields(schema["items"], item, (*path, i)))
+    return out
 
 
 # -- OpenAPI v3 (Kubernetes flavour) -> JSON Schema draft 4 ---------------------------------------------------------
@@ -100,6 +148,11 @@ def _schema_errors(obj: dict) -> list[str]:
             missing = err.message.split("'")[1]
             errors.append(f"{_path([*err.absolute_path, missing])}: Required value")
             continue
+        if err.validator == "enum":  # the API server's wording
+            supported = ", ".join(json.dumps(v) for v in err.validator_value)
+            errors.append(f"{_path(err.absolute_path)}: Unsupported value: {json.dumps(err.instance)}: supported "
+                          f"values: {supported}")
+            continue
         errors.append(f"{_path(err.absolute_path)}: Invalid value: {err.message}")
     return errors
 
@@ -154,17 +207,51 @@ def _cel_errors(schema: dict, value: Any, old: Any, path: list) -> list[str]:
 # -- admission ------------------------------------------------------------------------------------------------------
 
 
-def admit(obj: dict, old: dict | None = None) -> tuple[dict, list[str]]:
-    """Default and validate a SelfLengthenRun as the API server would; returns (defaulted object, errors)."""
+def admit(obj: dict, old: dict | None = None, *, prune_unknown: bool = False,
+          ratchet: bool = False) -> tuple[dict, list[str]]:
+    """Default and validate a SelfLengthenRun as the API server would; returns (defaulted object, errors).
+
+    `prune_unknown`: drop undeclared fields silently first (the server's default field validation) instead of
+    refusing them (kubectl's fieldValidation=Strict). `ratchet`: on an update, skip the CEL rules of the top-level
+    sections that did not change (the server's validation ratcheting: a status write does not re-run the spec's
+    rules)."""
     schema = root_schema()
-    obj = apply_defaults(schema, copy.deepcopy(obj))
+    obj = copy.deepcopy(obj)
+    if prune_unknown:
+        obj = prune(schema, obj)
+    obj = apply_defaults(schema, obj)
     errors = _schema_errors(obj)
     if not errors:
-        old_obj = apply_defaults(schema, copy.deepcopy(old)) if old is not None else _MISSING
+        old_obj = apply_defaults(schema, prune(schema, copy.deepcopy(old))) if old is not None else _MISSING
         view = {**obj, "metadata": {k: obj.get("metadata", {}).get(k) for k in ("name",)}}
-        errors = _cel_errors(schema, view, old_obj, [])
+        if ratchet and isinstance(old_obj, dict):
+            changed = {k for k in schema["properties"] if view.get(k) != old_obj.get(k)}
+            rules = {**schema, "properties": {k: v for k, v in schema["properties"].items() if k in changed}}
+            if not changed & {"spec", "metadata"}:
+                rules.pop("x-kubernetes-validations", None)  # the root's rules read metadata.name only
+            errors = _cel_errors(rules, view, old_obj, [])
+        else:
+            errors = _cel_errors(schema, view, old_obj, [])
     return obj, errors
 
 
 def validate(obj: dict, old: dict | None = None) -> list[str]:
     return admit(obj, old)[1]
+
+
+@lru_cache(maxsize=1)
+def _status_validator():
+    import jsonschema
+
+    return jsonschema.Draft4Validator(_jsonschema(root_schema()["properties"]["status"]))
+
+
+def status_problems(status: dict) -> list[str]:
+    """What the API server would do to a status the operator writes: the fields it would prune (undeclared) and
+    the schema errors it would refuse the write for (422). Empty when the status is stored as written."""
+    schema = root_schema()["properties"]["status"]
+    problems = [f"{p}: would be pruned (not in the CRD's status schema)"
+                for p in unknown_fields(schema, status, ("status",))]
+    for err in _status_validator().iter_errors(prune(schema, status, root=False)):
+        problems.append(f"{_path(['status', *err.absolute_path])}: {err.message}")
+    return problems

@@ -65,6 +65,7 @@ class World:
         self.now = T0
         self.created: list[str] = []
         self.events: list = []
+        self.statuses: list[dict] = []  # every status emitted, in order
 
     def observed(self) -> Observed:
         by_kind: dict[str, dict] = {"Deployment": {}, "Service": {}, "Job": {}, "ConfigMap": {}}
@@ -77,6 +78,7 @@ class World:
     def step(self, advance: float = 1.0) -> Plan:
         self.now += dt.timedelta(seconds=advance)
         plan = reconcile(self.run, 1, self.status, self.observed(), self.now)
+        self.check(plan)
         for action in plan.actions:
             key = (action.kind, action.name)
             if action.verb == "create":
@@ -90,6 +92,14 @@ class World:
         self.status = plan.status
         self.events.extend(plan.events)
         return plan
+
+    def check(self, plan: Plan) -> None:
+        """Every status the state machine emits is one the API server stores as written: nothing pruned, no 422."""
+        from selflengthen.operator.validation import status_problems
+
+        problems = status_problems(plan.status)
+        assert not problems, f"the API server would not store this status as written: {problems}"
+        self.statuses.append(plan.status)
 
     def settle(self, limit: int = 10) -> Plan:
         """Reconcile until nothing more is asked for."""
@@ -283,6 +293,8 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
 
     _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1000), init=False)
     status_subresources: set = attrs.field(factory=set, init=False)
+    strict_resources: set = attrs.field(factory=set, init=False)  # validated like kube-apiserver (_admit_run)
+    unchecked: set = attrs.field(factory=set, init=False)  # names of runs whose next create skips the CEL rules
 
     def register_crd(self, crd: dict) -> None:
         spec = crd["spec"]
@@ -294,8 +306,72 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
                 categories=set(spec["names"].get("categories", [])),
                 verbs={"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"},
                 subresources=set(version.get("subresources", {})))
+            if spec["names"]["plural"] == "selflengthenruns":
+                self.strict_resources.add(kmock.resource(spec["group"], version["name"], spec["names"]["plural"]))
             if "status" in version.get("subresources", {}):
                 self.status_subresources.add(kmock.resource(spec["group"], version["name"], spec["names"]["plural"]))
+
+    # -- SelfLengthenRun as kube-apiserver handles a structural CRD ----------------------------------------------
+
+    def _admit_run(self, request) -> None:
+        """Create, update, patch and /status writes of a SelfLengthenRun: the object after the write is pruned of
+        undeclared fields (silently; refused with ?fieldValidation=Strict), defaulted, validated against the
+        openAPIV3Schema and its CEL rules (transition rules against the old object); a refusal is a 422 Status
+        listing the causes. The write then lands as the merge patch from the stored object to that result."""
+        from selflengthen.operator.validation import admit, root_schema, unknown_fields
+
+        data, sub = request.data, request.subresource
+        creating = request.action == _kmock_enums.action.CREATE
+        current = None if creating else self._current(request)
+        if not creating and current is None:
+            return  # kmock answers 404
+        if creating:
+            after = copy.deepcopy(data) if isinstance(data, dict) else {}
+            after.pop("status", None)  # the status subresource: a create sets no status
+        elif isinstance(data, dict):
+            kept = {"status": data.get("status")} if sub == "status" else {k: v for k, v in data.items()
+                                                                            if k != "status"}
+            after = dict(_patch_dict(current, kept))
+        else:
+            for op in data:  # optimistic concurrency: a failed test is 422, as the API server says
+                if op.get("op") == "test" and _pointer(current, op["path"]) != op.get("value"):
+                    raise kmock.KubernetesError(status=422, reason="Invalid", message=f"the test of {op['path']} "
+                                                f"failed: {op.get('value')!r} wanted")
+            patched = dict(_patch_dict(current, data))
+            after = {**current, "status": patched.get("status")} if sub == "status" else \
+                {**patched, "status": current.get("status")}
+            if after.get("status") is None:
+                after.pop("status")
+        after = copy.deepcopy(after)
+        meta = after.setdefault("metadata", {})
+        name = meta.get("name") or meta.get("generateName", "")
+        if request.params.get("fieldValidation") == "Strict":
+            unknown = unknown_fields(root_schema(), after)
+            if unknown:
+                raise _invalid(request, name, [(f, "FieldValueInvalid", "unknown field") for f in unknown],
+                               reason="BadRequest", status=400)
+        final, errors = admit(after, current, prune_unknown=True, ratchet=not creating)
+        if creating and name in self.unchecked:  # a run an older CRD admitted (its rules were not these yet)
+            self.unchecked.discard(name)
+            errors = [e for e in errors if "Unsupported value" in e or "Required value" in e]
+        if errors:
+            raise _invalid(request, name, [_cause(e) for e in errors])
+        meta = final["metadata"]
+        if creating:
+            if request.namespace:
+                meta["namespace"] = request.namespace
+            meta.update(uid=str(uuid.uuid4()), resourceVersion=str(next(self._versions)), generation=1,
+                        creationTimestamp=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            data.clear()
+            data.update(final)
+            return
+        for immutable in ("uid", "creationTimestamp", "generation", "name", "namespace"):
+            if immutable in current["metadata"]:
+                meta[immutable] = current["metadata"][immutable]
+        meta["resourceVersion"] = str(next(self._versions))
+        if final.get("spec") != current.get("spec"):
+            meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
+        object.__setattr__(request, "data", merge_diff(current, final))
 
     def _has_status(self, resource) -> bool:
         return resource in self.status_subresources or (
@@ -340,6 +416,10 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
         return response
 
     async def _handle_realistically(self, request):
+        if request.resource is not None and request.resource in self.strict_resources and \
+                request.action in (_kmock_enums.action.CREATE, _kmock_enums.action.UPDATE):
+            self._admit_run(request)
+            return await super()._handle(request)
         data = request.data
         if request.resource is not None and request.action == _kmock_enums.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
@@ -399,6 +479,42 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
                     (event["object"].get("metadata") or {}).get("labels") or {}, sel):
                 continue
             yield event
+
+
+def merge_diff(old: dict, new: dict) -> dict:
+    """The JSON merge patch that turns `old` into `new` (lists replace, a removed key is null)."""
+    patch: dict = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            sub = merge_diff(old[key], value)
+            if sub:
+                patch[key] = sub
+        elif key not in old or old[key] != value:
+            patch[key] = copy.deepcopy(value)
+    return patch
+
+
+_CAUSE_REASONS = (("Required value", "FieldValueRequired"), ("unknown field", "FieldValueInvalid"),
+                  ("Unsupported value", "FieldValueNotSupported"))
+
+
+def _cause(error: str) -> tuple[str, str, str]:
+    field, _, message = error.partition(": ")
+    reason = next((r for text, r in _CAUSE_REASONS if text in message), "FieldValueInvalid")
+    return field, reason, message
+
+
+def _invalid(request, name: str, causes: list[tuple[str, str, str]], *, reason: str = "Invalid",
+             status: int = 422) -> kmock.KubernetesError:
+    """The Status an API server answers a refused write with: `Kind.group "name" is invalid: [causes]`."""
+    info = request.resource
+    kind = {"selflengthenruns": "SelfLengthenRun"}.get(info.plural, info.plural)
+    qualified = f"{kind}.{info.group}" if info.group else kind
+    listed = ", ".join(f"{f}: {m}" for f, _, m in causes)
+    return kmock.KubernetesError(
+        status=status, reason=reason, message=f'{qualified} "{name}" is invalid: [{listed}]',
+        details={"name": name, "group": info.group, "kind": kind,
+                 "causes": [{"reason": r, "message": m, "field": f} for f, r, m in causes]})
 
 
 def parse_path(path: str):
@@ -500,7 +616,11 @@ class Cluster:
             assert rsp.status in ok or rsp.status < 400, (method, path, rsp.status, data)
             return data if rsp.status < 400 else None
 
-    async def apply(self, name: str, run_spec: dict) -> dict:
+    async def apply(self, name: str, run_spec: dict, *, admitted_by_older_crd: bool = False) -> dict:
+        """Create a run; `admitted_by_older_crd`: as a CRD without today's CEL rules would have admitted it (the
+        schema's types still hold), so that the operator's own checks are what refuses it."""
+        if admitted_by_older_crd:
+            self.k8s.unchecked.add(name)
         return await self.request("POST", RUNS_PATH, {"apiVersion": "selflengthen.io/v1alpha1",
                                                       "kind": "SelfLengthenRun", "metadata": {"name": name},
                                                       "spec": run_spec})

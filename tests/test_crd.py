@@ -111,7 +111,8 @@ def test_schema_is_structural():
         assert set(node) <= {
             "type", "description", "properties", "items", "additionalProperties", "required", "default", "enum",
             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "pattern",
-            "minItems", "maxItems", "format", "nullable", "anyOf", "x-kubernetes-int-or-string",
+            "minItems", "maxItems", "minProperties", "maxProperties", "format", "nullable", "anyOf",
+            "x-kubernetes-int-or-string",
             "x-kubernetes-preserve-unknown-fields", "x-kubernetes-validations", "x-kubernetes-list-type",
             "x-kubernetes-list-map-keys"}, f"{path}: {sorted(node)}"
         if "default" in node and node.get("type") != "object":

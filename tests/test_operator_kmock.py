@@ -56,10 +56,12 @@ async def test_realistic_api_server_stamps_metadata_and_honours_subresources(clu
 
     run = await cluster.apply("demo", spec())
     assert run["metadata"]["generation"] == 1 and "status" not in run
-    run = await cluster.patch_run({"status": {"phase": "X"}, "spec": {"seed": 5}}, "status")
-    assert run["status"] == {"phase": "X"} and "seed" not in run["spec"] and run["metadata"]["generation"] == 1
-    run = await cluster.patch_run({"status": {"phase": "Y"}, "spec": {"seed": 5}})
-    assert run["status"] == {"phase": "X"} and run["spec"]["seed"] == 5 and run["metadata"]["generation"] == 2
+    run = await cluster.patch_run({"status": {"phase": "Serving"}, "spec": {"iterations": 3}}, "status")
+    assert run["status"] == {"phase": "Serving"} and run["spec"]["iterations"] == 2 and \
+        run["metadata"]["generation"] == 1
+    run = await cluster.patch_run({"status": {"phase": "Training"}, "spec": {"iterations": 3}})
+    assert run["status"] == {"phase": "Serving"} and run["spec"]["iterations"] == 3 and \
+        run["metadata"]["generation"] == 2
     run = await cluster.patch_run({"metadata": {"annotations": {"a": "b"}}})
     assert run["metadata"]["generation"] == 2  # metadata changes do not bump the generation
 
@@ -184,12 +186,33 @@ async def test_a_stage_failing_once_is_retried(cluster):
         assert "attempt 1/2 failed" in warnings[0]["message"]
 
 
+async def test_a_failed_attempt_waits_out_its_backoff_in_the_stored_status(cluster):
+    """On a strict API server: the Retrying record and its nextAttemptAt are declared (not refused with 422, not
+    pruned), so the backoff holds across reconciles and the failure is reported once."""
+    async with operator(cluster):
+        await cluster.apply("demo", spec(iterations=1, retry={"maxAttempts": 2, "backoffSeconds": 600}))
+        await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving")
+        await cluster.play()
+        await cluster.fail(current_child(await cluster.status()), "error: boom")
+        st = await cluster.wait(lambda s: (s.get("lastFailure") or {}).get("attempt") == 1, "the failure recorded")
+        rec = st["history"][0]["stages"]["self-instruct"]
+        assert rec["state"] == "Retrying" and rec["nextAttemptAt"] > st["lastFailure"]["time"]
+        degraded = {c["type"]: c for c in st["conditions"]}["Degraded"]
+        assert degraded["status"] == "True" and degraded["reason"] == "Retrying"
+        await asyncio.sleep(1.0)  # several polls (0.3 s) later: still waiting, nothing reported twice
+        assert (await cluster.status())["history"][0]["stages"]["self-instruct"]["nextAttemptAt"] == \
+            rec["nextAttemptAt"]
+        assert [e["reason"] for e in await cluster.events() if e["type"] == "Warning"] == ["StageFailed"]
+        assert await cluster.names("Job") == ["demo-i01-self-instruct-a1"]
+
+
 async def test_a_stage_failing_always_fails_the_run_with_reason_and_event(cluster):
     async with operator(cluster):
         await first_attempt_failed(cluster, "error: boom")
         await cluster.fail("demo-i01-self-instruct-a2",
                            "error: stage self-instruct: no instruction accepted after 40 tries")
         st = await cluster.wait(lambda s: s.get("phase") == "Failed", "Failed")
+        assert "no instruction accepted" in st["failureMessage"]  # declared: not pruned by the API server
         assert st["lastFailure"]["stage"] == "self-instruct" and st["lastFailure"]["attempt"] == 2
         assert st["lastFailure"]["reason"] == "BackoffLimitExceeded"
         assert "no instruction accepted after 40 tries" in st["lastFailure"]["message"]
@@ -280,7 +303,7 @@ async def test_deletion_runs_the_finalizer_and_removes_children(cluster, artifac
 
 async def test_invalid_spec_that_bypassed_admission_is_reported(cluster):
     async with operator(cluster):
-        await cluster.apply("demo", {**spec(), "storage": {"uri": "file:///data"}})
+        await cluster.apply("demo", {**spec(), "storage": {"uri": "file:///data"}}, admitted_by_older_crd=True)
         st = await cluster.wait(lambda s: s.get("phase") == "Failed", "Failed")
         assert st["lastFailure"]["reason"] == "InvalidSpec" and "spec.storage.uri" in st["lastFailure"]["message"]
         assert await cluster.names("Job") == [] and await cluster.names("Deployment") == []
