@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,14 +17,33 @@ from pydantic.alias_generators import to_camel
 # Run names become S3 prefixes and Kubernetes names: a DNS-1123 label cannot escape its prefix.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
+# What each field changes. A run's stored configuration is the contract its data was made under
+# (pipeline/identity.py): a rerun may change a field only while no stage it affects has data, or with
+# --restart-from. Each section declares the stages its fields change (`affects`), with per-field exceptions
+# (`affects_fields`); () marks a result-neutral field (how things run, never what they produce). Stages that
+# read a changed stage's output (later stages, later iterations) follow from identity.py's dependency graph.
+GENERATING = ("self-instruct", "respond", "extend", "evaluate", "collect")
+TRAINING = ("train-generator", "train-extender")
+EVERY_STAGE = GENERATING + ("build-sft",) + TRAINING
+NEUTRAL: tuple[str, ...] = ()
+
 
 class Model(BaseModel):
     # No inf/NaN anywhere: an infinite deadline or backoff would mean waiting forever on a down server.
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", allow_inf_nan=False)
+    affects: ClassVar[tuple[str, ...]]  # every section declares it (tests/test_identity.py checks)
+    affects_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+
+def field_affects(model: type[Model], field: str) -> tuple[str, ...]:
+    """The stages whose results the field `field` (python name) of section `model` changes; () if none."""
+    return model.affects_fields.get(field, model.__dict__.get("affects", EVERY_STAGE))
 
 
 class Sampling(Model):
     """Sampling parameters sent with every generation request (reference defaults)."""
+
+    affects = GENERATING
 
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.8, gt=0, le=1)
@@ -37,6 +56,13 @@ class Sampling(Model):
 
 class Models(Model):
     """Which model plays which role, and where it is served."""
+
+    affects = GENERATING + TRAINING
+    # Where the models are served and the key's variable name: not what answers. The served names pick the
+    # model that answers at an endpoint.
+    affects_fields = {"endpoint": NEUTRAL, "api_key_env": NEUTRAL,
+                      "generator": ("self-instruct", "respond", "evaluate", "collect"),
+                      "extender": ("extend", "collect")}
 
     base: str = Field(
         "tiny://qwen2",
@@ -64,6 +90,8 @@ class Models(Model):
 
 
 class SelfInstruct(Model):
+    affects = ("self-instruct",)
+
     instructions_per_iteration: int = Field(5000, ge=1, le=10_000_000)
     few_shot: int = Field(2, ge=1, le=8, description="Examples from the pool shown per completion")
     max_tries: int = Field(10, ge=1, le=100, description="Tries per instruction slot")
@@ -81,12 +109,16 @@ class SelfInstruct(Model):
 
 
 class Respond(Model):
+    affects = ("respond",)
+
     samples_per_instruction: int = Field(2, ge=1, le=64)
     max_retries: int = Field(20, ge=1, le=100, description="Tries per sample until check_response passes")
     max_tokens: int | None = Field(None, ge=1, description="Overrides sampling.maxTokens for initial responses")
 
 
 class Extend(Model):
+    affects = ("extend", "collect")
+
     attempts: int = Field(2, ge=1, le=16, description="Extended versions made per initial response")
     passes: int = Field(3, ge=1, le=16, description="Micro-iterations per attempt")
     min_growth: float = Field(1.2, gt=1, le=100, description="Keep an attempt only above this length ratio")
@@ -96,6 +128,8 @@ class Extend(Model):
 
 
 class Filters(Model):
+    affects = ("respond", "extend", "collect")
+
     check_ending: bool = Field(True, description="A response must end with a closing mark")
     check_meta: bool = Field(True, description="Reject English responses that talk about revisions")
     en_ngram: int = Field(10, ge=0, description="Reject English text repeating a word n-gram (0: off)")
@@ -106,6 +140,8 @@ class Filters(Model):
 
 class Client(Model):
     """How the pipeline talks to the inference server."""
+
+    affects = NEUTRAL  # how requests are sent and retried, never what is asked
 
     concurrency: int = Field(32, ge=1, le=4096, description="Requests in flight at most")
     request_timeout_seconds: float = Field(900, gt=0, description="Per-request timeout")
@@ -119,6 +155,10 @@ class Client(Model):
 
 
 class Storage(Model):
+    affects = NEUTRAL  # where the run lives (another uri is another store, with its own stored config)
+    # The shard is the unit of resume and of the stages' seeded grouping: every stage reads and writes in it.
+    affects_fields = {"shard_size": GENERATING + ("build-sft",)}
+
     uri: str = Field(
         "file://./runs", description="file://DIR or s3://BUCKET/PREFIX; artifacts go under <uri>/<run name>/"
     )
@@ -142,6 +182,10 @@ class Storage(Model):
 class Local(Model):
     """The vLLM server the local runner starts when models.endpoint is empty."""
 
+    affects = NEUTRAL  # port, KV cache, start-up timeout: how the server runs
+    # The context length refuses or truncates requests; extra arguments can change anything the server does.
+    affects_fields = {"max_model_len": GENERATING, "extra_args": GENERATING}
+
     port: int = Field(0, ge=0, le=65535, description="0: pick a free port")
     max_model_len: int = Field(2048, ge=64)
     kv_cache_gib: int = Field(1, ge=1, le=512)
@@ -152,6 +196,8 @@ class Local(Model):
 class BuildSft(Model):
     """Making the SFT sets of an iteration from its extended responses."""
 
+    affects = ("build-sft",)
+
     line_drop_probability: float = Field(
         0.2, ge=0, lt=1,
         description="Extender set: each line of the initial response is dropped with this probability",
@@ -159,6 +205,8 @@ class BuildSft(Model):
 
 
 class Lora(Model):
+    affects = TRAINING
+
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank r (vLLM's --max-lora-rank must be at least this)")
     alpha: float = Field(16, gt=0, description="LoRA alpha (scaling = alpha / rank)")
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -169,6 +217,10 @@ class Lora(Model):
 
 class Training(Model):
     """Fine-tuning of the Generator and the Extender (transformers Trainer + peft). Reference defaults."""
+
+    affects = TRAINING
+    # Checkpoint cadence, retention and collective timeout change how training resumes, not the weights.
+    affects_fields = {"save_steps": NEUTRAL, "keep_checkpoints": NEUTRAL, "ddp_timeout_seconds": NEUTRAL}
 
     mode: Literal["lora", "full"] = Field("lora", description="LoRA adapters, or full fine-tuning")
     lora: Lora = Field(default_factory=Lora)
@@ -195,6 +247,9 @@ class Training(Model):
 class Judge(Model):
     """An LLM judge that scores the quality of each LonGen answer from 1 to 10 (prompts/<lang>/quality_judge.txt)."""
 
+    affects = ("evaluate",)
+    affects_fields = {"endpoint": NEUTRAL, "api_key_env": NEUTRAL}
+
     enabled: bool = False
     endpoint: str | None = Field(
         None, description="Base URL of the judge's OpenAI-compatible server (empty: the stage's own endpoint)"
@@ -216,6 +271,10 @@ class Judge(Model):
 class Evaluate(Model):
     """LonGen length-following evaluation of each iteration's Generator."""
 
+    affects = ("evaluate",)
+    # Switching evaluation off leaves earlier results as they were (they are only not read): not a change of them.
+    affects_fields = {"enabled": NEUTRAL}
+
     enabled: bool = True
     items: int = Field(240, ge=1, le=240, description="LonGen items asked (evenly spread over its groups)")
     languages: list[Literal["en", "zh"]] | None = Field(
@@ -231,6 +290,9 @@ DEMAND_TYPES = ("about", "range", "above", "below")
 class Collect(Model):
     """The method's optional last step: more (instruction, long response) pairs from the final Generator (and
     Extender), each instruction given a length demand its response meets, exported as SFT data under <run>/collect/."""
+
+    affects = ("collect",)
+    affects_fields = {"enabled": NEUTRAL}
 
     enabled: bool = False
     items: int = Field(256, ge=1, le=10_000_000, description="Instructions answered")
@@ -259,6 +321,10 @@ class Collect(Model):
 
 class RunConfig(Model):
     """A whole Self-Lengthen run."""
+
+    affects = EVERY_STAGE  # seed, languages
+    # The name is the run (another name is another run). iterations: only collect runs on the last iteration.
+    affects_fields = {"name": NEUTRAL, "iterations": ("collect",)}
 
     name: str = Field("local-tiny", pattern=NAME_PATTERN, max_length=63)
     iterations: int = Field(3, ge=1, le=100, description="Macro-iterations")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import RunConfig, dump_config
+from .config import RunConfig
+from .identity import claim
 from .metrics import Metrics
 from .metrics import metrics as default_metrics
 from .report import read_markdown, refresh_report
@@ -139,10 +140,6 @@ class Endpoints:
         self.server, self.spec = None, None
 
 
-def save_config(store: Store, config: RunConfig) -> None:
-    store.write(f"{config.name}/config.yaml", dump_config(config).encode())
-
-
 def run_local(
     config: RunConfig,
     *,
@@ -150,16 +147,19 @@ def run_local(
     workdir: Path | None = None,
     metrics: Metrics | None = None,
     endpoints: Endpoints | None = None,
+    restart_from: tuple[str, ...] = (),
 ) -> dict:
-    """Run (or resume) the whole run; returns {iteration: {stage: manifest}}."""
+    """Run (or resume) the whole run; returns {iteration: {stage: manifest}}. A configuration that disagrees with
+    the run's data is refused (identity.ConfigChanged) unless `restart_from` names the stages to redo."""
     store = open_store(config.storage.uri, config.storage.endpoint_url)
-    save_config(store, config)
     workdir = workdir or Path(os.environ.get("SELFLENGTHEN_WORKDIR", ".selflengthen"))
+    claim(store, config, restart_from, workdir)
     bars = Progress(sys.stderr.isatty() if progress is None else progress)
     metrics = metrics or default_metrics()
     status = RunStatus(metrics, config)
     results: dict[int, dict[str, dict]] = {}
     endpoints = endpoints or Endpoints(config, store, workdir)
+    ran = 0
     try:
         for iteration in range(1, config.iterations + 1):
             ctx = StageContext(config=config, iteration=iteration, store=store, progress=bars, metrics=metrics)
@@ -180,9 +180,13 @@ def run_local(
                 else:
                     endpoints.stop()  # training needs the memory (the GPUs, on a cluster)
                 status.phase(phase_of(stage), iteration, stage)
+                ran += 1
                 results[iteration][stage] = status.attempt(stage, functools.partial(run_stage, stage, ctx))
                 status.iteration(iteration, results[iteration])
             report_iteration(store, config, iteration)
+        if not ran:
+            log.info("run %s is already complete (%d iterations, every stage done): nothing to do", config.name,
+                     config.iterations)
         status.phase("Succeeded", config.iterations, None)
     except BaseException:
         status.phase("Failed", status.current, None)

@@ -30,7 +30,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .pipeline.metrics import serve
 
         serve(args.metrics_port, args.metrics_addr)
-    results = run_local(config, progress=args.progress)
+    restart = tuple(s for value in args.restart_from or () for s in value.split(",") if s)
+    results = run_local(config, progress=args.progress, restart_from=restart)
     print(summary(config, results, open_store(config.storage.uri, config.storage.endpoint_url).uri))
     return 0
 
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--endpoint", help="use this OpenAI-compatible server instead of starting vLLM")
     run.add_argument("--storage", help="override storage.uri")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    run.add_argument("--restart-from", action="append", metavar="STAGE",
+                     help="delete and redo this stage of every iteration and every stage made from it (after a "
+                          "change of the configuration that affects it; repeatable)")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
     run.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default loopback)")
     run.set_defaults(func=cmd_run)

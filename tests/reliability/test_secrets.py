@@ -20,8 +20,8 @@ import yaml
 
 from selflengthen import cli
 from selflengthen.pipeline.config import load_config
+from selflengthen.pipeline.identity import save_config
 from selflengthen.pipeline.inference import InferenceClient
-from selflengthen.pipeline.runner import save_config
 from selflengthen.pipeline.stages import DATA_STAGES
 from selflengthen.pipeline.store import open_store
 
