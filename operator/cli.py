@@ -53,32 +53,51 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from ..pipeline.config import ConfigError
+    from ..pipeline.yamlfile import YAMLFileError, load_documents, shorten
     from .spec import parse_spec
     from .validation import validate
 
-    from ..pipeline.config import ConfigError
-
     bad = 0
     for path in args.files:
-        with open(path, encoding="utf-8") as f:
-            docs = [d for d in yaml.safe_load_all(f) if d]
-        for doc in docs:
+        try:
+            docs = load_documents(path)
+        except YAMLFileError as err:  # one line naming file, line and column
+            print(f"{err}")
+            bad += 1
+            continue
+        runs = 0
+        for number, doc in enumerate(docs, 1):
+            if doc is None:
+                continue
+            if not isinstance(doc, dict):
+                print(f"{path}: document {number} is a {type(doc).__name__}, not a Kubernetes object")
+                bad += 1
+                continue
             if doc.get("kind") != "SelfLengthenRun":
                 continue
-            name = doc.get("metadata", {}).get("name", "?")
+            runs += 1
+            metadata = doc.get("metadata")
+            name = metadata.get("name") if isinstance(metadata, dict) else None
+            name = shorten(name, 80) if isinstance(name, str) else "(no name)"
             errors = validate(doc)
+            if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str):
+                errors.insert(0, "metadata.name: Required value: a string")
             if not errors:
                 try:
-                    parse_spec(name, doc.get("spec") or {})
+                    parse_spec(metadata["name"], doc.get("spec") or {})
                 except ConfigError as err:
                     errors = str(err).splitlines()[1:]
             if errors:
                 bad += 1
                 print(f"{path}: SelfLengthenRun {name} is refused:")
                 for e in errors:
-                    print(f"  {e.strip()}")
+                    print(f"  {shorten(e.strip(), 400)}")
             else:
                 print(f"{path}: SelfLengthenRun {name} is valid")
+        if not runs:
+            print(f"{path}: no SelfLengthenRun in this file (kind: SelfLengthenRun wanted)")
+            bad += 1
     return 1 if bad else 0
 
 

@@ -136,6 +136,14 @@ def _path(parts) -> str:
     return out or "<root>"
 
 
+def _message(err) -> str:
+    """jsonschema's message, with the bad value cut to ~200 characters (a megabyte value is not echoed)."""
+    from ..pipeline.yamlfile import shorten
+
+    value = repr(err.instance)
+    return err.message.replace(value, shorten(value)) if len(value) > 200 else err.message
+
+
 def _schema_errors(obj: dict) -> list[str]:
     errors = []
     for err in sorted(_validator().iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
@@ -149,11 +157,13 @@ def _schema_errors(obj: dict) -> list[str]:
             errors.append(f"{_path([*err.absolute_path, missing])}: Required value")
             continue
         if err.validator == "enum":  # the API server's wording
+            from ..pipeline.yamlfile import shorten
+
             supported = ", ".join(json.dumps(v) for v in err.validator_value)
-            errors.append(f"{_path(err.absolute_path)}: Unsupported value: {json.dumps(err.instance)}: supported "
-                          f"values: {supported}")
+            errors.append(f"{_path(err.absolute_path)}: Unsupported value: {shorten(json.dumps(err.instance))}: "
+                          f"supported values: {supported}")
             continue
-        errors.append(f"{_path(err.absolute_path)}: Invalid value: {err.message}")
+        errors.append(f"{_path(err.absolute_path)}: Invalid value: {_message(err)}")
     return errors
 
 

@@ -10,9 +10,10 @@ import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from .yamlfile import YAMLFileError, dump, load_mapping, shorten
 
 # Run names become S3 prefixes and Kubernetes names: a DNS-1123 label cannot escape its prefix.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -363,7 +364,7 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        lines.append(f"{path}: {msg}")
+        lines.append(f"{path}: {shorten(msg, 300)}")
     return "invalid run configuration:\n  " + "\n  ".join(lines)
 
 
@@ -376,17 +377,19 @@ def parse_config(data: object) -> RunConfig:
         raise ConfigError(_format_errors(err)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path, overrides: dict[str, dict] | None = None) -> RunConfig:
+    """Read and validate a run configuration file (pipeline/yamlfile.py: hostile YAML is refused in one line
+    naming the file, line and column). `overrides` ({section: {field: value}}, camelCase) are validated as if
+    they were in the file (command-line flags such as --endpoint)."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"cannot read run configuration {path}: {err.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"run configuration {path} is not valid YAML: {err}") from None
-    except RecursionError:  # PyYAML recurses once per nesting level
-        raise ConfigError(f"run configuration {path} is nested too deeply to be a run configuration") from None
-    return parse_config(data if data is not None else {})
+        data = load_mapping(path, "run configuration")
+    except YAMLFileError as err:
+        raise ConfigError(str(err)) from None
+    for section, fields in (overrides or {}).items():
+        current = data.get(section)
+        data[section] = {**(current if isinstance(current, dict) else {}), **fields}
+    return parse_config(data)
 
 
 def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)
+    return dump(config.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)

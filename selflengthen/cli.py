@@ -12,13 +12,13 @@ from .pipeline.config import ConfigError, load_config
 
 
 def _config(args: argparse.Namespace):
-    config = load_config(args.config)
-    updates = {}
+    # Flags override the file's fields and are validated with them (a URL given as --endpoint is checked too).
+    overrides: dict[str, dict] = {}
     if getattr(args, "endpoint", None):
-        updates["models"] = config.models.model_copy(update={"endpoint": args.endpoint.rstrip("/")})
+        overrides["models"] = {"endpoint": args.endpoint}
     if getattr(args, "storage", None):
-        updates["storage"] = config.storage.model_copy(update={"uri": args.storage})
-    return config.model_copy(update=updates) if updates else config
+        overrides["storage"] = {"uri": args.storage}
+    return load_config(args.config, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -1,0 +1,171 @@
+"""Hostile input: refused at load or validation time, in one line naming the place, never with a traceback, never
+echoing a megabyte back, never hanging.
+
+tests/hostile/ holds the corpus: each file with the command that reads it and the refusal it must get
+(cases.json). The properties (hypothesis) cover what the corpus cannot list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from selflengthen.cli import main as cli_main
+from selflengthen.pipeline.config import ConfigError, load_config
+from selflengthen.pipeline.yamlfile import MAX_BYTES, YAMLFileError, dump, parse_documents
+
+CORPUS = Path(__file__).parent.parent / "hostile"
+CASES = json.loads((CORPUS / "cases.json").read_text())
+PROPERTY = settings(max_examples=150, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    rc = cli_main(argv)
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_the_corpus_lists_every_file():
+    assert sorted(CASES) == sorted(p.name for p in CORPUS.iterdir() if p.name != "cases.json")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hostile_files_get_their_refusal(name, capsys):
+    case = CASES[name]
+    path = str(CORPUS / name)
+    rc, output = run_cli([*case["command"].split(), path], capsys)
+    assert rc != 0, output
+    assert re.search(case["refusal"], output), output
+    assert "Traceback" not in output
+    assert all(len(line) < 500 for line in output.splitlines()), output
+    if not case["refusal"].startswith(":"):  # refused by validation: nothing of the loader's kind of line
+        return
+    # a load error is one line: FILE:LINE:COLUMN: what
+    (line,) = [line for line in output.splitlines() if path in line]
+    assert re.search(rf"{re.escape(path)}{case['refusal']}", line), line
+
+
+def test_a_missing_file_is_refused_naming_it(tmp_path, capsys):
+    for command in (["validate"], ["operator", "validate"]):
+        rc, output = run_cli([*command, str(tmp_path / "absent.yaml")], capsys)
+        assert rc != 0 and f"{tmp_path / 'absent.yaml'}: cannot read" in output and "Traceback" not in output
+
+
+def test_a_file_larger_than_the_limit_is_refused_unread(tmp_path, capsys):
+    path = tmp_path / "huge.yaml"
+    path.write_bytes(b"name: " + b"x" * (10 * MAX_BYTES) + b"\n")
+    for command in (["validate"], ["operator", "validate"]):
+        rc, output = run_cli([*command, str(path)], capsys)
+        assert rc != 0 and f"{path}:1:1: more than the {MAX_BYTES} bytes" in output
+
+
+@pytest.mark.parametrize("field", ["name", "models.base", "storage.uri", "sampling.stop"])
+def test_a_megabyte_value_is_not_echoed_back(tmp_path, capsys, field):
+    section, _, key = field.rpartition(".")
+    value = "X" * (MAX_BYTES - 1000)
+    value = [value] * 1 if field == "sampling.stop" else value
+    path = tmp_path / "big.yaml"
+    path.write_text(dump({section: {key: value}} if section else {key: value}), encoding="utf-8")
+    rc, output = run_cli(["validate", str(path)], capsys)
+    if rc == 0:  # some fields take any string: then it is the validation's business, not the echo's
+        return
+    assert output.count("X") <= 200 and len(output) < 2000, output[:3000]
+
+
+def test_operator_validate_does_not_echo_a_megabyte_value(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    run = {"apiVersion": "selflengthen.io/v1alpha1", "kind": "SelfLengthenRun", "metadata": {"name": "x" * 500_000},
+           "spec": {"image": "Y" * 500_000}}
+    path.write_text(dump(run), encoding="utf-8")
+    rc, output = run_cli(["operator", "validate", str(path)], capsys)
+    assert rc != 0 and output.count("x") <= 400 and output.count("Y") <= 200 and len(output) < 4000, output[:3000]
+
+
+# -- properties ---------------------------------------------------------------------------------------------------
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**80), 2**80),
+                    st.floats(allow_nan=False), st.text(max_size=12),
+                    st.sampled_from(["0o17", "0x1F", "1:30", "2024-01-01", "yes", "No", "~", "null", ".inf", "1e3",
+                                     "1_000", "+1", ".5", "<<", "=", "true", "-", "!!str", "&a", "*a"]))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                      max_leaves=20)
+
+
+@PROPERTY
+@given(VALUES)
+def test_what_we_dump_reads_back_as_the_same_values(value):
+    assert parse_documents(dump(value, allow_unicode=True)) == [value]
+
+
+HOSTILE_PIECES = st.sampled_from([
+    "a: ", "- ", "&x ", "*x ", "*y", "&y [", "{", "}", "[", "]", ", ", "? ", ": ", "\n", "  ", "\t", "!!python/name:x ",
+    "!!binary ", "!custom ", "!!int ", "!!float ", "!!bool ", "!!null ", "!!str ", "'", '"', "#", "---\n", "...\n",
+    "%YAML 1.1\n", "<<: ", "1:30", "2024-01-01", "9" * 80, "x", "\u2028", "\x00", "\ufeff", "|\n", ">-\n",
+])
+HOSTILE = st.one_of(st.binary(max_size=200), st.text(max_size=100).map(str.encode),
+                    st.lists(HOSTILE_PIECES, max_size=40).map(lambda parts: "".join(parts).encode("utf-8", "replace")))
+
+
+def _limits_hold(value, depth=0) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) for k in value) and all(_limits_hold(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return depth < 64 and all(_limits_hold(v, depth + 1) for v in value)
+    return value is None or isinstance(value, (str, bool, int, float))
+
+
+@PROPERTY
+@given(HOSTILE)
+def test_the_loader_returns_plain_values_or_refuses_in_one_line(data):
+    try:
+        documents = parse_documents(data, "in.yaml")
+    except YAMLFileError as err:
+        assert re.match(r"^in\.yaml:\d+:\d+: \S[^\n]*$", str(err)), str(err)
+        assert len(str(err)) < 400
+        return
+    for document in documents:
+        assert _limits_hold(document), document
+        if isinstance(document, float) and math.isnan(document):
+            continue
+
+
+@PROPERTY
+@given(HOSTILE)
+def test_every_entry_point_refuses_hostile_files_without_a_traceback(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("hostile") / "in.yaml"
+    path.write_bytes(data)
+    try:
+        load_config(path)
+    except ConfigError as err:
+        first = str(err).splitlines()[0]
+        assert first.startswith((f"{path}:", "invalid run configuration")), first
+    from selflengthen.operator.cli import main as operator_main
+
+    assert operator_main(["validate", str(path)]) in (0, 1)
+
+
+MANIFEST_VALUES = st.recursive(
+    st.one_of(SCALARS, st.sampled_from(["SelfLengthenRun", "selflengthen.io/v1alpha1", "s3://b/p", "img:1"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(
+        st.sampled_from(["metadata", "name", "spec", "image", "models", "base", "storage", "uri", "kind",
+                         "inference", "extraArgs", "x"]), inner, max_size=4)),
+    max_leaves=16)
+
+
+@PROPERTY
+@given(MANIFEST_VALUES, MANIFEST_VALUES)
+def test_operator_validate_answers_any_document_shape(tmp_path_factory, metadata, spec):
+    path = tmp_path_factory.mktemp("manifest") / "run.yaml"
+    path.write_text(dump({"apiVersion": "selflengthen.io/v1alpha1", "kind": "SelfLengthenRun",
+                          "metadata": metadata, "spec": spec}), encoding="utf-8")
+    from selflengthen.operator.cli import main as operator_main
+
+    assert operator_main(["validate", str(path)]) == 1  # never valid: spec.image and more are missing or wrong
