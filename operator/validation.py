@@ -14,6 +14,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
+from ..pipeline.yamlfile import shorten
 from .crd import crd
 
 _MISSING = object()
@@ -138,8 +139,6 @@ def _path(parts) -> str:
 
 def _message(err) -> str:
     """jsonschema's message, with the bad value cut to ~200 characters (a megabyte value is not echoed)."""
-    from ..pipeline.yamlfile import shorten
-
     value = repr(err.instance)
     return err.message.replace(value, shorten(value)) if len(value) > 200 else err.message
 
@@ -157,8 +156,6 @@ def _schema_errors(obj: dict) -> list[str]:
             errors.append(f"{_path([*err.absolute_path, missing])}: Required value")
             continue
         if err.validator == "enum":  # the API server's wording
-            from ..pipeline.yamlfile import shorten
-
             supported = ", ".join(json.dumps(v) for v in err.validator_value)
             errors.append(f"{_path(err.absolute_path)}: Unsupported value: {shorten(json.dumps(err.instance))}: "
                           f"supported values: {supported}")

@@ -13,7 +13,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from .yamlfile import YAMLFileError, dump, load_mapping, shorten
+from .yamlfile import YAMLFileError, dump, load_mapping, parse_documents, shorten
 
 # Run names become S3 prefixes and Kubernetes names: a DNS-1123 label cannot escape its prefix.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -375,6 +375,17 @@ def parse_config(data: object) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
+
+
+def read_config(data: bytes, source: str) -> RunConfig:
+    """A run configuration from bytes (one stored with a run's data), through the same loader as files."""
+    try:
+        documents = parse_documents(data, source)
+    except YAMLFileError as err:
+        raise ConfigError(str(err)) from None
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        raise ConfigError(f"{source}: a run configuration is one mapping")
+    return parse_config(documents[0])
 
 
 def load_config(path: str | Path, overrides: dict[str, dict] | None = None) -> RunConfig:

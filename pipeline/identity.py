@@ -17,11 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel
 
 from .artifacts import SUCCESS, iteration_prefix
-from .config import ConfigError, Model, RunConfig, dump_config, field_affects, parse_config
+from .config import ConfigError, Model, RunConfig, dump_config, field_affects, read_config
 from .stages import RUN_STAGES, STAGES, iteration_stages
 from .store import Store
 from .treestore import COMPLETE
@@ -165,8 +164,8 @@ def stored_config(store: Store, run: str) -> RunConfig | None:
     if not store.exists(key):
         return None
     try:
-        return parse_config(yaml.safe_load(store.read(key)))
-    except (ConfigError, yaml.YAMLError) as err:
+        return read_config(store.read(key), f"{store.uri}/{key}")
+    except ConfigError as err:
         raise ConfigError(f"run {run}: the configuration stored with its data ({store.uri}/{key}) is not a valid "
                           f"run configuration of this version ({err}); give this run a new name") from None
 
