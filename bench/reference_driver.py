@@ -1,6 +1,6 @@
 """The reference implementation's driver model, as a baseline for the saturation benchmark.
 
-What the published Self-Lengthen scripts do (docs/algorithm.md, "Weak spots"), modelled on the same requests:
+What the published Self-Lengthen scripts do (the authors' reference code), modelled on the same requests:
 - a fixed `concurrent.futures.ThreadPoolExecutor` per stage, each worker making blocking HTTP requests
   (the reference uses the blocking openai client, i.e. httpx.Client, shared by all threads);
 - each stage finishes completely before the next starts, and self-instruct runs in batches of 500 slots with a

@@ -246,7 +246,7 @@ def parse_spec(name: str, spec: dict) -> tuple[RunConfig, ClusterSpec]:
     try:
         cluster = ClusterSpec.model_validate(cluster_part)
     except ValidationError as err:
-        errors.extend(_format_errors(err).splitlines()[1:])
+        errors.extend(_format_errors(err, ClusterSpec).splitlines()[1:])
     if not errors and config is not None and cluster is not None:
         errors.extend(cross_field_errors(config, cluster))
     if errors:

@@ -6,6 +6,7 @@ Every bad value is refused with the dotted camelCase path of the field and what 
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -17,6 +18,7 @@ from .yamlfile import YAMLFileError, dump, load_mapping, parse_documents, shorte
 
 # Run names become S3 prefixes and Kubernetes names: a DNS-1123 label cannot escape its prefix.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 # What each field changes. A run's stored configuration is the contract its data was made under
 # (pipeline/identity.py): a rerun may change a field only while no stage it affects has data, or with
@@ -79,7 +81,7 @@ class Models(Model):
         "Empty: the local runner starts a vLLM server itself.",
     )
     api_key_env: str | None = Field(
-        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name of the environment variable with the API key"
+        None, pattern=ENV_NAME_PATTERN, description="Name of the environment variable with the API key"
     )
 
     @field_validator("endpoint")
@@ -257,7 +259,7 @@ class Judge(Model):
     )
     model: str = Field("judge", min_length=1, description="Model name of the judge at its endpoint")
     api_key_env: str | None = Field(
-        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        None, pattern=ENV_NAME_PATTERN,
         description="Name of the environment variable with the judge's API key (never the key itself)",
     )
     max_tokens: int = Field(64, ge=1, le=4096, description="Tokens of the judge's answer")
@@ -357,13 +359,56 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names each bad field by its YAML path."""
 
 
-def _format_errors(err: ValidationError) -> str:
+# Patterns explained in words: a regex is no answer to a person who broke it.
+PATTERN_WORDS = {
+    NAME_PATTERN: "must be a DNS label: lowercase letters, digits and '-', beginning and ending with a letter or "
+                  "digit (the name becomes the run's prefix in the store and its Kubernetes name)",
+    ENV_NAME_PATTERN: "must be the name of an environment variable: letters, digits and '_', not beginning with a "
+                      "digit (the name of the variable that holds the key, never the key itself)",
+}
+
+
+def _section(loc: tuple, model: type[BaseModel]) -> type[BaseModel] | None:
+    """The model that the location `loc` (camelCase keys from `model`) lies in, if it names one."""
+    for key in loc:
+        fields = {info.alias or name: info for name, info in model.model_fields.items()}
+        info = fields.get(key) or model.model_fields.get(key)
+        target = getattr(info, "annotation", None) if info else None
+        if not (isinstance(target, type) and issubclass(target, BaseModel)):
+            return None
+        model = target
+    return model
+
+
+def _unknown_field(loc: tuple, model: type[BaseModel]) -> str:
+    """'unknown field', with the closest known name of its section (or the known names when none is close)."""
+    section = _section(loc[:-1], model)
+    if section is None:
+        return "unknown field"
+    known = [info.alias or name for name, info in section.model_fields.items()]
+
+    def norm(name: str) -> str:
+        return name.replace("_", "").replace("-", "").lower()
+
+    by_norm = {norm(k): k for k in known}
+    close = difflib.get_close_matches(norm(str(loc[-1])), list(by_norm), n=1, cutoff=0.6)
+    if close:
+        return f"unknown field (did you mean {by_norm[close[0]]}?)"
+    return f"unknown field (known here: {', '.join(known)})"
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per error: its camelCase path and what is wanted. `model`: the validated model (the run config)."""
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = _unknown_field(e["loc"], model or RunConfig)
+        elif e["type"] == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") in PATTERN_WORDS:
+            msg = PATTERN_WORDS[e["ctx"]["pattern"]]
+            if e["ctx"]["pattern"] == NAME_PATTERN:  # never echoed otherwise: a key pasted in place of its name
+                msg += f"; got {shorten(repr(e['input']), 80)}"
         lines.append(f"{path}: {shorten(msg, 300)}")
     return "invalid run configuration:\n  " + "\n  ".join(lines)
 
@@ -396,6 +441,12 @@ def load_config(path: str | Path, overrides: dict[str, dict] | None = None) -> R
         data = load_mapping(path, "run configuration")
     except YAMLFileError as err:
         raise ConfigError(str(err)) from None
+    if not data:
+        raise ConfigError(
+            f"run configuration {path} is empty: it would run the paper-scale defaults (3 iterations of 5,000 "
+            f"instructions each, models.base {Models().base}) under the name {RunConfig().name}. Name the run and "
+            f"set what differs (examples/local-tiny.yaml is a small run to start from; `selflengthen validate "
+            f"FILE --show` prints every default)")
     for section, fields in (overrides or {}).items():
         current = data.get(section)
         data[section] = {**(current if isinstance(current, dict) else {}), **fields}

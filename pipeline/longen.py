@@ -1,4 +1,4 @@
-"""LonGen length-following score (docs/algorithm.md; data/README.md).
+"""LonGen length-following score (the paper's LonGen benchmark; pipeline/data/README.md).
 
 Each LonGen item demands a length: about N words, N-M words, more than N, less than N (Chinese: 字). The demand
 gives a target window [a, b]:

@@ -1,6 +1,6 @@
 """Pure text helpers of the method: word counts, response checks, language detection, drop_short.
 
-Behaviour follows docs/algorithm.md (the reference implementation's facts), with its bugs fixed:
+Behaviour follows the authors' reference implementation (Quan et al., arXiv 2410.23933), with its bugs fixed:
 the check flavour is chosen by the language of the text, and drop_short is seeded and O(n log n).
 """
 

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of the Generator and the Extender (docs/algorithm.md, step 5), on transformers + peft.
+"""Supervised fine-tuning of the Generator and the Extender (README.md, "The pipeline"), on transformers + peft.
 
 One function, `train_role(ctx, role)`, trains one role of one iteration on that iteration's build-sft set:
 

@@ -125,8 +125,8 @@ def test_endpoint_trailing_slash_is_dropped():
         ({"storage": {"uri": "s3://bucket/a/../b"}}, "storage.uri", "'..'"),
         ({"storage": {"shardSize": 0}}, "storage.shardSize", ">= 1"),
         ({"models": {"endpoint": "ftp://host/v1"}}, "models.endpoint", "http:// or https://"),
-        ({"models": {"apiKeyEnv": "1-KEY"}}, "models.apiKeyEnv", "should match pattern"),
-        ({"name": "Not_A_DNS_Label"}, "name", "should match pattern"),
+        ({"models": {"apiKeyEnv": "1-KEY"}}, "models.apiKeyEnv", "must be the name of an environment variable"),
+        ({"name": "Not_A_DNS_Label"}, "name", "must be a DNS label: lowercase letters, digits and '-'"),
         ({"name": "x" * 64}, "name", "at most 63"),
         ({"languages": ["en", "en"]}, "languages", "must not repeat a language"),
         ({"languages": []}, "languages", "at least 1 item"),
@@ -176,6 +176,28 @@ def test_unknown_fields_are_refused(data, path):
     assert f"{path}: unknown field" in config_error(data)
 
 
+@pytest.mark.parametrize(
+    "data, hint",
+    [
+        ({"sampling": {"top_pp": 0.5}}, "sampling.top_pp: unknown field (did you mean topP?)"),
+        ({"respond": {"samples_per_instrution": 2}}, "(did you mean samplesPerInstruction?)"),
+        ({"evaluate": {"judge": {"modle": "j"}}}, "evaluate.judge.modle: unknown field (did you mean model?)"),
+        ({"zzz": 1}, "zzz: unknown field (known here: name, iterations, languages, seed, models"),
+    ],
+)
+def test_unknown_fields_name_the_closest_known_one(data, hint):
+    assert hint in config_error(data)
+
+
+def test_patterns_are_explained_in_words_and_a_key_is_never_echoed():
+    message = config_error({"name": "My_Run"})
+    assert "beginning and ending with a letter or digit" in message and "'My_Run'" in message
+    assert "[a-z0-9]" not in message
+    message = config_error({"models": {"apiKeyEnv": "sk-live-0123"}})
+    assert "models.apiKeyEnv: must be the name of an environment variable" in message
+    assert "sk-live-0123" not in message
+
+
 @pytest.mark.parametrize("data", [[1, 2], "text", 3, None])
 def test_non_mapping_top_level_is_refused(data):
     assert "expected a mapping at the top level" in config_error(data)
@@ -201,10 +223,13 @@ def test_load_reports_the_yaml_path_and_file(tmp_path):
         load_config(path)
 
 
-def test_empty_file_gives_the_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["# nothing here\n", "", "{}\n"])
+def test_an_empty_file_is_refused_naming_the_defaults_it_would_run(tmp_path, text):
     path = tmp_path / "empty.yaml"
-    path.write_text("# nothing here\n", encoding="utf-8")
-    assert load_config(path) == RunConfig()
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"is empty: it would run the paper-scale defaults \(3 iterations of 5,000 "
+                                          r"instructions each, models.base tiny://qwen2\) under the name local-tiny"):
+        load_config(path)
 
 
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])

@@ -142,7 +142,7 @@ def test_oci_labels_carry_the_project_version(image):
     assert labels["org.opencontainers.image.version"] == "${VERSION}"
     for key in ("title", "description", "source", "licenses", "base.name"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
-    assert labels["org.opencontainers.image.licenses"] == PYPROJECT["project"]["license"]["text"]
+    assert labels["org.opencontainers.image.licenses"] == PYPROJECT["project"]["license"]  # SPDX
     assert labels["org.opencontainers.image.base.name"].endswith(PARSED[image][1][-1].base)
 
 

@@ -1,4 +1,4 @@
-"""Filters and helpers against the behaviour of the reference implementation (docs/algorithm.md)."""
+"""Filters and helpers against the behaviour of the authors' reference implementation (arXiv 2410.23933)."""
 
 import random
 

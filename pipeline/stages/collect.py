@@ -1,5 +1,5 @@
-"""Collect, the method's optional last step (docs/algorithm.md): more (instruction, long response) pairs from the
-final models, each instruction given a length demand that its response meets, exported as SFT data.
+"""Collect, the method's optional last step (README.md, "The pipeline"): more (instruction, long response) pairs
+from the final models, each instruction given a length demand that its response meets, exported as SFT data.
 
 Run once, after the last iteration (`selflengthen stage collect --iteration N`, N = iterations): the Generator of
 iteration N answers collect.items instructions (the last iteration's self-instruct outputs, or the seeds), each
