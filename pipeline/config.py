@@ -443,7 +443,7 @@ def load_config(path: str | Path, overrides: dict[str, dict] | None = None) -> R
         raise ConfigError(str(err)) from None
     if not data:
         raise ConfigError(
-            f"run configuration {path} is empty: it would run the paper-scale defaults (3 iterations of 5,000 "
+            f"{path}:1:1: the run configuration is empty: it would run the paper-scale defaults (3 iterations of 5,000 "
             f"instructions each, models.base {Models().base}) under the name {RunConfig().name}. Name the run and "
             f"set what differs (examples/local-tiny.yaml is a small run to start from; `selflengthen validate "
             f"FILE --show` prints every default)")
