@@ -400,7 +400,7 @@ def training_job(run: Run, iteration: int, stage: str, attempt: int, *, suspend:
                    "$(MASTER_PORT)", "-m", "selflengthen", *stage_args]
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "shm", "mountPath": "/dev/shm"},
               {"name": "work", "mountPath": WORKDIR}, {"name": "hf-cache", "mountPath": HF_HOME}]
-    container = _container(run, "train", t.image or run.cluster.image, command, env=env, mounts=mounts,
+    container = _container(run, "train", run.cluster.training_image, command, env=env, mounts=mounts,
                            resources=_resources(t, t.processes_per_node))
     container["ports"] = [_metrics_port()]
     if t.nodes > 1:

@@ -93,7 +93,10 @@ class Inference(Model):
 class TrainingJobs(Model):
     """Where the fine-tuning Jobs run (merged into spec.training beside the run configuration's hyperparameters)."""
 
-    image: str | None = Field(None, min_length=1, description="Training image; default: spec.image")
+    image: str | None = Field(
+        None, min_length=1, description="Training image (torch, transformers, peft); default: the selflengthen-training "
+        "image beside spec.image (its repository name + '-training', the same registry and tag: what `make images` "
+        "builds)")
     nodes: int = Field(1, ge=1, le=128, description="More than 1: an Indexed Job with torchrun rendezvous")
     processes_per_node: int = Field(1, ge=1, le=16, description="torchrun processes (and GPUs) per node")
     gpu_resource: str = Field("nvidia.com/gpu", pattern=RESOURCE_KEY)
@@ -165,6 +168,23 @@ class Security(Model):
     read_only_root_filesystem: bool = True
 
 
+TRAINING_SUFFIX = "-training"
+
+
+def training_image_beside(image: str) -> str | None:
+    """`REGISTRY/NAME:TAG` -> `REGISTRY/NAME-training:TAG`, the training image `make images` builds beside the
+    selflengthen image (an image already named *-training is itself); None for an image pinned by digest, whose
+    sibling cannot be named."""
+    if "@" in image:
+        return None
+    repo, sep, tag = image.rpartition(":")
+    if not sep or "/" in tag:  # no tag (a registry port is not one)
+        repo, tag = image, ""
+    if not repo.endswith(TRAINING_SUFFIX):
+        repo += TRAINING_SUFFIX
+    return repo + (f":{tag}" if tag else "")
+
+
 class ClusterSpec(Model):
     """The cluster-only part of a SelfLengthenRun spec."""
 
@@ -181,6 +201,14 @@ class ClusterSpec(Model):
     secret_env: list[SecretEnv] = Field(
         default_factory=list, max_length=32,
         description="Variables of the data, evaluate and collect Jobs taken from Secrets (API keys)")
+
+    @property
+    def training_image(self) -> str:
+        """The image of the training Jobs: training.image, else the training image beside spec.image."""
+        image = self.training.image or training_image_beside(self.image)
+        if image is None:  # cross_field_errors refuses such a spec
+            raise ValueError("training.image: required when spec.image is pinned by digest")
+        return image
 
 
 def cluster_fields(section: str | None = None) -> set[str]:
@@ -275,6 +303,9 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
                 if any(a == f or a.startswith(f + "=") for f in RESERVED_VLLM_FLAGS)]
     if reserved:
         errors.append(f"inference.extraArgs: must not repeat flags the operator sets ({', '.join(reserved)})")
+    if cluster.training.image is None and training_image_beside(cluster.image) is None:
+        errors.append("training.image: required when spec.image is pinned by digest (the training image beside it "
+                      "cannot be named)")
     if cluster.retry.max_backoff_seconds < cluster.retry.backoff_seconds:
         errors.append("retry.maxBackoffSeconds: must not be below backoffSeconds")
     for i, t in enumerate(cluster.scheduling.tolerations):

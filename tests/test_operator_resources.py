@@ -254,3 +254,24 @@ def test_secret_env_mistakes_are_refused_naming_the_field(overrides, field):
 
     with pytest.raises(ConfigError, match=field):
         make_run(spec(**overrides))
+
+
+@pytest.mark.parametrize("image, expected", [
+    ("ghcr.io/you/selflengthen:0.1.0", "ghcr.io/you/selflengthen-training:0.1.0"),
+    ("registry:5000/team/selflengthen", "registry:5000/team/selflengthen-training"),
+    ("selflengthen-training:0.1.0", "selflengthen-training:0.1.0"),
+])
+def test_training_jobs_default_to_the_training_image_beside_spec_image(image, expected):
+    run = make_run(spec(image=image))
+    assert r.training_job(run, 1, "train-generator", 1)["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        expected
+    assert r.stage_job(run, 1, "build-sft", 1)["spec"]["template"]["spec"]["containers"][0]["image"] == image
+    explicit = make_run(spec(image=image, training={"image": "mine/train:7"}))
+    assert explicit.cluster.training_image == "mine/train:7"
+
+
+def test_a_digest_pinned_image_needs_an_explicit_training_image():
+    from selflengthen.pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="training.image: required"):
+        make_run(spec(image="ghcr.io/you/selflengthen@sha256:" + "a" * 64))
