@@ -51,6 +51,9 @@ PERMISSIONS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
     # kopf watches the runs and patches their finalizer and progress annotations; the daemon reads each run
     (GROUP, PLURAL, ("get", "list", "watch", "patch"), "both", "runs: kopf's watch and finalizer, our reconcile"),
     (GROUP, f"{PLURAL}/status", ("patch",), "both", "the status the operator writes"),
+    # never called: owner-reference enforcement (OpenShift; the OwnerReferencesPermissionEnforcement plugin) lets
+    # only a client that may update the owner's finalizers set blockOwnerDeletion on the children it creates
+    (GROUP, f"{PLURAL}/finalizers", ("update",), "both", "children owned with blockOwnerDeletion (OpenShift)"),
     ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete"), "both",
      "stage Jobs: watched (wake-ups), made, suspended/resumed, adopted after a conflict, deleted"),
     ("apps", "deployments", ("get", "list", "watch", "create", "patch", "delete"), "both",

@@ -39,6 +39,10 @@ TOKEN = "operator-service-account-token"
 class EnforcingKubernetes(RealisticKubernetes):
     """RealisticKubernetes that authorizes the operator's requests (its bearer token) by RBAC rules.
 
+    Like an API server with the OwnerReferencesPermissionEnforcement admission plugin (OpenShift's default): a
+    write that sets an owner reference with blockOwnerDeletion: true needs `update` on the owner's `finalizers`
+    subresource, else it is refused with 403 naming it.
+
     Rules of the cluster scope apply everywhere (a ClusterRole bound cluster-wide); of the namespaced scope only in
     `namespaces` (a Role per namespace), so cluster-scoped and all-namespace requests are refused there. Requests
     without the token are the test's own (an administrator's). The operator's first create of each kind in
@@ -67,6 +71,23 @@ class EnforcingKubernetes(RealisticKubernetes):
         resource = res.plural + (f"/{request.subresource}" if request.subresource else "")
         return (res.group or "", resource, verb)
 
+    @staticmethod
+    def owner_permissions(request) -> set[tuple[str, str, str]]:
+        """What OwnerReferencesPermissionEnforcement checks for a create/update/patch: `update` on
+        <owner plural>/finalizers for each owner reference that blocks the owner's deletion."""
+        data = request.data
+        if str(getattr(request.method, "value", request.method)).upper() not in ("POST", "PUT", "PATCH") or \
+                not isinstance(data, dict):
+            return set()
+        needed = set()
+        for ref in (data.get("metadata") or {}).get("ownerReferences") or []:
+            if ref.get("blockOwnerDeletion"):
+                group = ref["apiVersion"].rpartition("/")[0]
+                plural = {"SelfLengthenRun": "selflengthenruns"}.get(ref["kind"])
+                assert plural, f"an owner of an unexpected kind: {ref['kind']}"
+                needed.add((group, f"{plural}/finalizers", "update"))
+        return needed
+
     def allowed(self, triple: tuple[str, str, str], namespace: str | None) -> bool:
         if self.scope == "cluster":
             return triple in deploy.granted("cluster")
@@ -84,6 +105,15 @@ class EnforcingKubernetes(RealisticKubernetes):
                     message=f"{triple[2]} {triple[1]}.{triple[0] or 'core'} in {request.namespace or 'the cluster'}"
                             " is not allowed")
             self.used.add(triple)
+            for needed in self.owner_permissions(request):
+                if not self.allowed(needed, request.namespace):
+                    self.denied.add(needed)
+                    raise kmock_lib.KubernetesError(
+                        status=403, reason="Forbidden",
+                        message=f"{triple[1]} \"{request.name or ''}\" is forbidden: cannot set blockOwnerDeletion "
+                                f"if an ownerReference refers to a resource you can't set finalizers on: "
+                                f"{needed[2]} {needed[1]}.{needed[0]}")
+                self.used.add(needed)
             plural = triple[1]
             if triple[2] == "create" and plural in self.conflict_once:
                 self.conflict_once.discard(plural)
@@ -204,7 +234,9 @@ def test_every_permission_says_why_and_each_scope_is_complete():
     # a Role holds namespaced resources only; the namespaced mode's ClusterRole reads only
     assert not {r for _, r, _ in deploy.granted("namespaced", cluster_scoped=False)} & deploy.CLUSTER_SCOPED
     assert {v for _, _, v in deploy.granted("namespaced", cluster_scoped=True)} == {"list", "watch"}
-    assert not any(v in ("update", "deletecollection", "*") for _, _, v in deploy.all_granted("cluster"))
+    # update only where owner-reference enforcement asks for it (finalizers of the runs, never written)
+    assert {(r, v) for _, r, v in deploy.all_granted("cluster") if v in ("update", "deletecollection", "*")} == {
+        ("selflengthenruns/finalizers", "update")}
     with pytest.raises(ValueError, match="scope"):
         deploy.rules("everywhere")
 
