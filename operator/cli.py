@@ -54,6 +54,7 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from ..pipeline.config import ConfigError
+    from ..pipeline.urls import redact
     from ..pipeline.yamlfile import YAMLFileError, load_documents, shorten
     from .spec import parse_spec
     from .validation import validate
@@ -92,7 +93,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 bad += 1
                 print(f"{path}: SelfLengthenRun {name} is refused:")
                 for e in errors:
-                    print(f"  {shorten(e.strip(), 400)}")
+                    print(f"  {shorten(redact(e.strip()), 400)}")
             else:
                 print(f"{path}: SelfLengthenRun {name} is valid")
         if not runs:

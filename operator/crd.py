@@ -270,7 +270,40 @@ def spec_schema() -> dict:
         "self.training.mode != 'full' || self.iterations == 1",
         "training.mode full supports iterations: 1 only (one vLLM server cannot serve two different full models "
         "to the pipeline); use lora for several macro-iterations", fieldPath=".training.mode"))
+    _hostile_input_rules(props)
     return schema
+
+
+# The apiserver's share of pipeline/config.py's and pipeline/urls.py's checks of strings that would fail at run
+# time or leak a key (RE2 regexes in double-quoted CEL strings, without backslashes).
+_URL_RE = "^https?://[A-Za-z0-9.:-]+(/[A-Za-z0-9._~!&'()*+,;=:/%-]*)?$"
+
+
+def _url_rules(field: str, home: str) -> list[dict]:
+    return [
+        _rule("!self.contains('@')", f"must not contain credentials (user:password@): a key belongs in {home}, "
+              "never in the URL"),
+        _rule("!self.contains('?') && !self.contains('#')", "must not have a query string or fragment"),
+        _rule(f'self.matches("{_URL_RE}")', f"{field} must be an http:// or https:// URL without spaces or line "
+              "breaks"),
+    ]
+
+
+def _hostile_input_rules(props: dict) -> None:
+    from ..pipeline.urls import KEY_HOME
+
+    storage = props["storage"]["properties"]
+    _add_rules(storage["uri"],
+               _rule("!self.contains('?') && !self.contains('#') && !self.contains('@')",
+                     "must be s3://BUCKET/PREFIX without a query string, fragment or '@' (credentials come from "
+                     "the AWS variables)"),
+               _rule("!self.matches('^s3://.*/[.]{0,2}/') && !self.matches('/[.]{1,2}/?$')",
+                     "must not contain '.', '..' or empty segments (each would name another prefix)"))
+    _add_rules(storage["endpointUrl"], *_url_rules("storage.endpointUrl", KEY_HOME["storage.endpointUrl"]))
+    judge = props["evaluate"]["properties"]["judge"]["properties"]["endpoint"]
+    _add_rules(judge, *_url_rules("evaluate.judge.endpoint", KEY_HOME["evaluate.judge.endpoint"]))
+    _add_rules(props["training"]["properties"]["lora"]["properties"]["targetModules"], _rule(
+        "type(self) == string || size(self) > 0", "must name at least one module (or be all-linear)"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,6 +329,8 @@ def crd() -> dict:
             _rule(f"self.metadata.name.size() <= {MAX_RUN_NAME}",
                   f"metadata.name must be at most {MAX_RUN_NAME} characters (it prefixes the names of Jobs, "
                   "Services and pod hostnames)"),
+            _rule("!self.metadata.name.matches('^iter-[0-9]+$')",
+                  "metadata.name: names of the form iter-NN are reserved (they name the iterations inside a run)"),
             _rule("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
                   "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a "
                   "letter): it names Services"),

@@ -25,6 +25,7 @@ import kopf
 
 from ..pipeline.config import ConfigError
 from ..pipeline.metrics import Metrics, metrics
+from ..pipeline.urls import redact, redact_log_records
 from .crd import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from .kube import BY_KIND, CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, PODS, SERVICES, ApiError, Kube, Resource
 from .probe import Probe, store_probe
@@ -215,7 +216,7 @@ class Controller:
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
                                "namespace": meta["namespace"], "uid": meta.get("uid")},
-            "type": event.type, "reason": event.reason, "message": event.message,
+            "type": event.type, "reason": event.reason, "message": redact(event.message),
             "source": {"component": COMPONENT}, "reportingComponent": COMPONENT,
             "reportingInstance": socket.gethostname()[:128],
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
@@ -397,6 +398,7 @@ def run_operator(*, namespaces: list[str] | None = None, clusterwide: bool = Fal
     Its metrics (the process-wide `metrics()`) are served by the caller: `selflengthen operator run --metrics-port`."""
     formats = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
     kopf.configure(verbose=verbose, log_format=formats[log_format])
+    redact_log_records()
     registry, _ = build_registry(OperatorOptions(poll_seconds=poll_seconds))
     if not namespaces:
         clusterwide = True

@@ -26,6 +26,7 @@ import copy
 import datetime as dt
 from dataclasses import dataclass, field
 
+from ..pipeline.urls import redact
 from .resources import (
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
@@ -129,7 +130,7 @@ def job_failed(job: dict) -> dict | None:
 
 
 def _truncate(text: str, limit: int = MAX_MESSAGE) -> str:
-    text = " ".join(text.split())
+    text = " ".join(redact(text).split())  # status fields and Events never show a URL's userinfo or query
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

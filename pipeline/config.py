@@ -14,11 +14,18 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from .urls import check_http_url
 from .yamlfile import YAMLFileError, dump, load_mapping, parse_documents, shorten
 
 # Run names become S3 prefixes and Kubernetes names: a DNS-1123 label cannot escape its prefix.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# iter-NN names the iterations inside a run's prefix: a run of that name nested in another run's tree would write
+# into that run's iteration NN.
+RESERVED_NAME_PATTERN = r"^iter-[0-9]+$"
+# Served model names reach vLLM's argv (--served-model-name, --lora-modules NAME=PATH): no '=', no leading '-',
+# no spaces.
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:/+-]*$"
 
 # What each field changes. A run's stored configuration is the contract its data was made under
 # (pipeline/identity.py): a rerun may change a field only while no stage it affects has data, or with
@@ -73,8 +80,10 @@ class Models(Model):
         description="Base model: a local path, a Hugging Face name for real clusters, or tiny://qwen2 "
         "for the locally built tiny model.",
     )
-    generator: str = Field("generator", min_length=1, description="Served model name of the Generator")
-    extender: str = Field("extender", min_length=1, description="Served model name of the Extender")
+    generator: str = Field("generator", min_length=1, max_length=256, pattern=SERVED_NAME_PATTERN,
+                           description="Served model name of the Generator")
+    extender: str = Field("extender", min_length=1, max_length=256, pattern=SERVED_NAME_PATTERN,
+                          description="Served model name of the Extender")
     endpoint: str | None = Field(
         None,
         description="Base URL of an OpenAI-compatible server (e.g. http://vllm:8000/v1). "
@@ -87,9 +96,7 @@ class Models(Model):
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_http(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/") if value else value
+        return None if value is None else check_http_url(value, "models.endpoint")
 
 
 class SelfInstruct(Model):
@@ -168,14 +175,24 @@ class Storage(Model):
     endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto, ...); credentials from environment")
     shard_size: int = Field(64, ge=1, le=100_000, description="Items per shard: the unit of resume")
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_url_is_http(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value, "storage.endpointUrl")
+
     @field_validator("uri")
     @classmethod
     def _uri_scheme(cls, value: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must not contain line breaks or control characters")
         if value.startswith("s3://"):
             if not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", value):
                 raise ValueError("must be s3://BUCKET[/PREFIX] with a valid bucket name")
-            if ".." in value.split("/"):
-                raise ValueError("must not contain '..' segments")
+            if "?" in value or "#" in value or "@" in value or re.search(r"\s", value):
+                raise ValueError("must be s3://BUCKET/PREFIX without a query string, fragment, '@' or spaces "
+                                 "(credentials come from the AWS variables)")
+            if any(p in ("", ".", "..") for p in value.removesuffix("/").split("/")[3:]):
+                raise ValueError("must not contain '.', '..' or empty segments (each would name another prefix)")
             return value.rstrip("/")
         if value.startswith("file://") and len(value) > len("file://"):
             return value.rstrip("/") if value != "file:///" else value
@@ -213,7 +230,8 @@ class Lora(Model):
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank r (vLLM's --max-lora-rank must be at least this)")
     alpha: float = Field(16, gt=0, description="LoRA alpha (scaling = alpha / rank)")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[Annotated[str, Field(min_length=1)]] = Field(
+    target_modules: Annotated[str, Field(min_length=1)] | Annotated[
+        list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(
         "all-linear", description="'all-linear' (every linear layer but the output head) or module names"
     )
 
@@ -268,7 +286,7 @@ class Judge(Model):
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_http(cls, value: str | None) -> str | None:
-        return Models._endpoint_is_http(value)
+        return None if value is None else check_http_url(value, "evaluate.judge.endpoint")
 
 
 class Evaluate(Model):
@@ -347,6 +365,13 @@ class RunConfig(Model):
     evaluate: Evaluate = Field(default_factory=Evaluate)
     collect: Collect = Field(default_factory=Collect)
 
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if re.match(RESERVED_NAME_PATTERN, value):
+            raise ValueError("names of the form iter-NN are reserved (they name the iterations inside a run)")
+        return value
+
     @field_validator("languages")
     @classmethod
     def _unique_languages(cls, value: list[str]) -> list[str]:
@@ -365,6 +390,8 @@ PATTERN_WORDS = {
                   "digit (the name becomes the run's prefix in the store and its Kubernetes name)",
     ENV_NAME_PATTERN: "must be the name of an environment variable: letters, digits and '_', not beginning with a "
                       "digit (the name of the variable that holds the key, never the key itself)",
+    SERVED_NAME_PATTERN: "must be a served model name: letters, digits and '_.:/+-', not beginning with '-' (it is "
+                         "passed on vLLM's command line: no '=', no spaces)",
 }
 
 

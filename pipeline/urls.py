@@ -8,6 +8,7 @@ as a second line of defence for URLs that did not come through validation (a ser
 
 from __future__ import annotations
 
+import logging
 import re
 from urllib.parse import urlsplit
 
@@ -25,7 +26,7 @@ KEY_HOME = {
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
                    r"[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])$")
 # The CRD's mirror of check_http_url (the apiserver evaluates it; CEL's matches is RE2, so no look-arounds).
-HTTP_URL_PATTERN = r"^https?://[A-Za-z0-9.\[\]:-]+(/[A-Za-z0-9._~!$&'()*+,;=:/%-]*)?$"
+HTTP_URL_PATTERN = r"^https?://[A-Za-z0-9.\[\]:-]+(/[A-Za-z0-9._~!&'()*+,;=:/%-]*)?$"
 
 
 def check_http_url(value: str, field: str) -> str:
@@ -74,3 +75,22 @@ def _strip(match: re.Match) -> str:
 def redact(text: object) -> str:
     """The text with every URL's userinfo and query string replaced by ***."""
     return _URL.sub(_strip, str(text))
+
+
+def redact_log_records() -> None:
+    """Every log record of this process gets its message redacted when it is made (whichever handler, kopf's
+    included, writes it). Records are made only for enabled levels, so this costs nothing for debug lines
+    that are not logged."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "redacting", False):
+        return
+
+    def make(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = redact(message), None
+        return record
+
+    make.redacting = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make)

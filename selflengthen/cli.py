@@ -9,6 +9,7 @@ import signal
 import sys
 
 from .pipeline.config import ConfigError, load_config
+from .pipeline.urls import redact, redact_log_records
 
 
 def _config(args: argparse.Namespace):
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact_log_records()  # no URL's userinfo or query string in any log line
     for noisy in ("httpx", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # SIGTERM (a Job's pod stopping, a `kill`) unwinds like Ctrl-C, so servers we started are stopped.
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline.stages import StageError
 
         if isinstance(err, (StageError, ServerError, ValueError)):
-            print(f"error: {err}", file=sys.stderr)
+            # the last log line becomes the pod's termination message, then the run's status and an Event
+            print(f"error: {redact(err)}", file=sys.stderr)
             return 1
         raise
 

@@ -315,6 +315,28 @@ CEL_CASES = [
      "Exists"),
     ("target-modules-type", with_path(S(), ["training", "lora"], {"targetModules": 7}), None, "demo",
      "spec.training.lora.targetModules: Invalid value: must be one of: array, string"),
+    # hostile input (tests/reliability/test_hostile_input.py): what would fail at run time or leak a key
+    ("s3-query", with_path(S(), ["storage", "uri"], "s3://bucket/runs?versionId=1"), None, "demo",
+     "spec.storage.uri: Invalid value: must be s3://BUCKET/PREFIX without a query string"),
+    ("s3-dot-segment", with_path(S(), ["storage", "uri"], "s3://bucket/runs/./x"), None, "demo",
+     "spec.storage.uri: Invalid value: must not contain '.', '..' or empty segments"),
+    ("s3-empty-segment", with_path(S(), ["storage", "uri"], "s3://bucket//x"), None, "demo",
+     "spec.storage.uri: Invalid value: must not contain '.', '..' or empty segments"),
+    ("s3-trailing-dot", with_path(S(), ["storage", "uri"], "s3://bucket/x/."), None, "demo",
+     "spec.storage.uri: Invalid value: must not contain '.', '..' or empty segments"),
+    ("target-modules-empty", with_path(S(), ["training", "lora"], {"targetModules": []}), None, "demo",
+     "spec.training.lora.targetModules: Invalid value: must name at least one module"),
+    ("name-reserved", S(), None, "iter-01", "<root>: Invalid value: metadata.name: names of the form iter-NN"),
+] + [
+    (f"{field}-{kind}", with_path(S(), path, url), None, "demo", f"spec.{field}: Invalid value: {expected}")
+    for field, path in (("storage.endpointUrl", ["storage", "endpointUrl"]),
+                        ("evaluate.judge.endpoint", ["evaluate", "judge", "endpoint"]))
+    for kind, url, expected in (
+        ("userinfo", "https://id:s3cr3t@minio.example.com", "must not contain credentials"),
+        ("query", "https://minio.example.com/?X-Amz-Signature=abc", "must not have a query string"),
+        ("not-url", "minio.example.com:9000", f"{field} must be an http:// or https:// URL"),
+        ("line-break", "https://minio.example.com/a\r\nX-Injected: 1", f"{field} must be an http:// or https:// URL"))
+] + [
     ("name-long", S(), None, "a" * 37, "<root>: Invalid value: metadata.name must be at most 36 characters"),
     ("name-digit", S(), None, "7b-run", "<root>: Invalid value: metadata.name must be a DNS-1035 label"),
     ("iterations-shrink", {**S(), "iterations": 2}, {**S(), "iterations": 3}, "demo",

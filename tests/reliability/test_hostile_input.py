@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from selflengthen.cli import main as cli_main
-from selflengthen.pipeline.config import ConfigError, load_config
+from selflengthen.pipeline.config import ConfigError, load_config, parse_config
+from selflengthen.pipeline.urls import redact, redact_log_records
 from selflengthen.pipeline.yamlfile import MAX_BYTES, YAMLFileError, dump, parse_documents
 
 CORPUS = Path(__file__).parent.parent / "hostile"
@@ -45,6 +46,8 @@ def test_hostile_files_get_their_refusal(name, capsys):
     assert re.search(case["refusal"], output), output
     assert "Traceback" not in output
     assert all(len(line) < 500 for line in output.splitlines()), output
+    if "secret" in case:  # a key in a refused URL is not echoed back
+        assert case["secret"] not in output, output
     if not case["refusal"].startswith(":"):  # refused by validation: nothing of the loader's kind of line
         return
     # a load error is one line: FILE:LINE:COLUMN: what
@@ -169,3 +172,67 @@ def test_operator_validate_answers_any_document_shape(tmp_path_factory, metadata
     from selflengthen.operator.cli import main as operator_main
 
     assert operator_main(["validate", str(path)]) == 1  # never valid: spec.image and more are missing or wrong
+
+
+# -- secrets in URLs -----------------------------------------------------------------------------------------------
+
+SECRET = st.text(alphabet=st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~"),
+                 min_size=12, max_size=40)
+
+
+@PROPERTY
+@given(SECRET, SECRET, st.sampled_from(["http", "https", "s3", "postgres"]),
+       st.sampled_from(["", "error: ", "cannot reach ", "(", "'", '"', "url="]))
+def test_redact_leaves_no_userinfo_or_query_of_any_url(user_key, query_key, scheme, before):
+    text = (f"{before}{scheme}://user:{user_key}@host.example:8000/v1/models?api_key={query_key}&x=1 failed; "
+            f"also {scheme}://{user_key}@other/p#frag={query_key}")
+    out = redact(text)
+    assert user_key not in out and query_key not in out, out
+    assert "host.example:8000/v1/models" in out and out.startswith(before)
+
+
+def test_redact_keeps_urls_without_secrets():
+    text = "GET http://vllm.ml.svc:8000/v1/chat/completions failed: 503 (s3://bucket/runs/demo/iter-01)"
+    assert redact(text) == text
+
+
+@pytest.mark.parametrize("field, url, home", [
+    ("models.endpoint", "https://u:s3cr3tvalue@h/v1", "models.apiKeyEnv"),
+    ("models.endpoint", "https://s3cr3tvalue@h/v1", "models.apiKeyEnv"),
+    ("models.endpoint", "http://h:8000/v1?key=s3cr3tvalue", "models.apiKeyEnv"),
+    ("evaluate.judge.endpoint", "https://u:s3cr3tvalue@judge/v1", "evaluate.judge.apiKeyEnv"),
+    ("storage.endpointUrl", "http://ID:s3cr3tvalue@minio:9000", "AWS_SECRET_ACCESS_KEY"),
+])
+def test_urls_with_credentials_are_refused_saying_where_the_key_belongs(field, url, home):
+    *sections, leaf = field.split(".")
+    data: dict = {leaf: url}
+    for section in reversed(sections):
+        data = {section: data}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    message = str(err.value)
+    assert f"  {field}: must not" in message and home in message and "s3cr3tvalue" not in message
+
+
+def test_an_endpoint_given_as_a_flag_is_validated_like_the_file(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: flagged\n")
+    rc, output = run_cli(["validate", str(path)], capsys)
+    assert rc == 0
+    for argv in (["run", str(path), "--endpoint", "https://u:sk-flag-secret@h/v1"],
+                 ["stage", "respond", "--config", str(path), "--iteration", "1", "--endpoint", "http://h/v1?k=sk-flag"]):
+        rc, output = run_cli(argv, capsys)
+        assert rc == 2 and "models.endpoint: must not" in output and "sk-flag" not in output, output
+
+
+def test_log_lines_and_operator_messages_are_redacted(caplog):
+    import logging
+
+    from selflengthen.operator.reconcile import _truncate
+
+    redact_log_records()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("selflengthen.test").warning("request to %s failed", "https://u:sk-log-secret@h/v1?t=sk-q")
+    assert "sk-log-secret" not in caplog.text and "sk-q" not in caplog.text and "https://***@h/v1?***" in caplog.text
+    # status.lastFailure, failureMessage and Events all go through this
+    assert "sk-op" not in _truncate("error: cannot reach http://x:sk-op@h:8000/v1 (refused)")
