@@ -107,6 +107,13 @@ def owner_reference(run: Run) -> dict:
             "controller": True, "blockOwnerDeletion": True}
 
 
+def literal(value: str) -> str:
+    """A user's string as it must appear in a container's command, args or env value: the kubelet expands
+    `$(VAR)` there from the container's environment (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...), and `$$` is its escape
+    for a literal `$`. Every string from the spec goes through this; only our own `$(VAR)`s stay live."""
+    return value.replace("$", "$$")
+
+
 def _meta(run: Run, name: str, component: str, **extra: object) -> dict:
     return {"name": name, "namespace": run.namespace, "labels": labels(run, component, **extra),
             "ownerReferences": [owner_reference(run)]}
@@ -144,7 +151,7 @@ def storage_env(run: Run) -> list[dict]:
         env.append({"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": access.credentials_secret, "key": "AWS_SESSION_TOKEN", "optional": True}}})
     if access.region:
-        env.append({"name": "AWS_REGION", "value": access.region})
+        env.append({"name": "AWS_REGION", "value": literal(access.region)})
     return env
 
 
@@ -247,21 +254,22 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
     mounts = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "hf-cache", "mountPath": HF_HOME}]
     volumes = [_shm(inf.shm_size), _cache_volume(run)]
     full = cfg.training.mode == "full"
+    roles = tuple(literal(r) for r in roles)
     if model == 0:
-        args = [served_model(run), "--served-model-name", *roles]
+        args = [literal(served_model(run)), "--served-model-name", *roles]
     elif full:
         # Full fine-tuning (one iteration only): the trained Generator, also under the Extender's name.
         args = [f"{ADAPTERS_DIR}/generator", "--served-model-name", *roles]
     else:
-        args = [served_model(run), "--served-model-name", "base", "--enable-lora",
+        args = [literal(served_model(run)), "--served-model-name", "base", "--enable-lora",
                 "--max-lora-rank", str(max_lora_rank(cfg.training.lora.rank)),
                 "--lora-modules", f"{roles[0]}={ADAPTERS_DIR}/generator", f"{roles[1]}={ADAPTERS_DIR}/extender"]
     if model > 0:
-        pairs = [f"{model_prefix(run.name, model, role)}={ADAPTERS_DIR}/{role}"
+        pairs = [f"{literal(model_prefix(run.name, model, role))}={ADAPTERS_DIR}/{role}"
                  for role in (("generator",) if full else ("generator", "extender"))]
-        fetch_cmd = ["python", "-m", "selflengthen.operator.fetch", "--storage", cfg.storage.uri]
+        fetch_cmd = ["python", "-m", "selflengthen.operator.fetch", "--storage", literal(cfg.storage.uri)]
         if cfg.storage.endpoint_url:
-            fetch_cmd += ["--endpoint-url", cfg.storage.endpoint_url]
+            fetch_cmd += ["--endpoint-url", literal(cfg.storage.endpoint_url)]
         init.append(_container(run, "fetch-models", run.cluster.image, [*fetch_cmd, *pairs],
                                env=storage_env(run), mounts=[{"name": "adapters", "mountPath": ADAPTERS_DIR}]))
         volumes.append({"name": "adapters", "emptyDir": {}})
@@ -270,7 +278,7 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
              "--gpu-memory-utilization", str(inf.gpu_memory_utilization)]
     if inf.max_model_len:
         args += ["--max-model-len", str(inf.max_model_len)]
-    args += list(inf.extra_args)
+    args += [literal(a) for a in inf.extra_args]
     http = {"path": "/health", "port": "http"}
     period = 10
     container = _container(run, "vllm", inf.image, ["vllm", "serve", *args], env=hf_env(run), mounts=mounts,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kube_expansion import container_environment, expand, expanded_argv, mapping_func_for
 
 from selflengthen.cli import main as cli_main
 from selflengthen.pipeline.config import ConfigError, load_config, parse_config
@@ -236,3 +237,83 @@ def test_log_lines_and_operator_messages_are_redacted(caplog):
     assert "sk-log-secret" not in caplog.text and "sk-q" not in caplog.text and "https://***@h/v1?***" in caplog.text
     # status.lastFailure, failureMessage and Events all go through this
     assert "sk-op" not in _truncate("error: cannot reach http://x:sk-op@h:8000/v1 (refused)")
+
+
+# -- no $(VAR) expansion of user strings ---------------------------------------------------------------------------
+
+
+def test_the_expansion_helper_follows_the_kubelet():
+    m = mapping_func_for({"A": "a", "B": "b$(A)"})
+    cases = {"$(A)": "a", "x$(A)y$(B)": "xayb$(A)", "$$(A)": "$(A)", "$$$(A)": "$a", "$(UNSET)": "$(UNSET)",
+             "$(A": "$(A", "$A": "$A", "$": "$", "$$": "$", "a$": "a$", "$()": "$()", "$(A)$": "a$", "$$$$": "$$",
+             "$(A)(B)": "a(B)", "$ (A)": "$ (A)", "$é": "$Ã\udca9"}
+    for text, expected in cases.items():
+        assert expand(text, m) == expected, text
+    env = container_environment({"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "$(A)-$(C)"},
+                                         {"name": "C", "value": "3"}, {"name": "S", "valueFrom": {}}]},
+                                lambda var: f"secret-{var['name']}")
+    assert env == {"A": "1", "B": "1-$(C)", "C": "3", "S": "secret-S"}
+
+
+# What a user may write, and $(...) references to every variable the children's containers have.
+VARIABLES = ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HOME", "HF_HOME",
+             "MASTER_ADDR", "NNODES", "NODE_RANK", "JUDGE_KEY", "KUBERNETES_SERVICE_HOST", "SELFLENGTHEN_WORKDIR"]
+USER_TEXT = st.lists(st.one_of(st.sampled_from([f"$({v})" for v in VARIABLES] + ["$$", "$", "$(", ")", "$$(HF_TOKEN)",
+                                                                                 "$é", "(", "x"]),
+                               st.text(alphabet="abcXYZ019-_./:$()é", max_size=6)),
+                     min_size=1, max_size=6).map("".join)
+
+
+def _rendered_containers(run) -> list[dict]:
+    from selflengthen.operator import resources as r
+
+    objects = [r.serving_deployment(run, 0, 1), r.serving_deployment(run, 1, 1),
+               r.stage_job(run, 1, "respond", 1, endpoint_url=r.endpoint(run, 0)),
+               r.stage_job(run, 1, "evaluate", 1, endpoint_url=r.endpoint(run, 1)),
+               r.training_job(run, 1, "train-generator", 1)]
+    out = []
+    for obj in objects:
+        pod = obj["spec"]["template"]["spec"]
+        out += [*pod.get("initContainers", []), *pod["containers"]]
+    return out
+
+
+def _value_from(var: dict) -> str:
+    source = var["valueFrom"]
+    return f"<secret {var['name']}>" if "secretKeyRef" in source else f"<field {var['name']}>"
+
+
+@PROPERTY
+@given(model=USER_TEXT, extra=st.lists(USER_TEXT, max_size=3), prefix=USER_TEXT, region=USER_TEXT)
+def test_user_strings_reach_containers_literally_after_kubelet_expansion(model, extra, prefix, region):
+    from kube_fixtures import make_run, spec
+    from selflengthen.operator.spec import parse_spec
+
+    prefix = "/".join(p for p in prefix.split("/") if p not in ("", ".", ".."))
+    data = spec(inference={"model": model, "extraArgs": [f"--x-{i}={a}" for i, a in enumerate(extra)],
+                           "hfTokenSecret": {"name": "hf", "key": "token"}},
+                training={"nodes": 2, "processesPerNode": 2},
+                storage={"uri": f"s3://bucket/{prefix}".rstrip("/"), "credentialsSecret": "s3", "region": region,
+                         "endpointUrl": "http://minio.minio:9000"},
+                secretEnv=[{"name": "JUDGE_KEY", "secretKeyRef": {"name": "judge", "key": "k"}}])
+    try:
+        parse_spec("demo", data)
+    except ConfigError:
+        return  # refused at validation: nothing is rendered
+    run = make_run(data)
+    uri = run.config.storage.uri
+    seen = set()
+    for container in _rendered_containers(run):
+        seen.add(container["name"])
+        env = container_environment(container, _value_from)
+        argv = expanded_argv(container, env)
+        assert not any("<secret" in a for a in argv), (container["name"], argv)
+        assert env.get("AWS_REGION", region) == region
+        if container["name"] == "vllm":
+            assert model in argv and all(f"--x-{i}={a}" in argv for i, a in enumerate(extra)), argv
+        elif container["name"] == "fetch-models":
+            assert argv[argv.index("--storage") + 1] == uri, argv
+        elif container["name"] == "train":  # our own $(VAR)s (torchrun's rendezvous) still expand
+            assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node-rank") + 1] == (
+                "<field NODE_RANK>"), argv
+    assert seen == {"vllm", "fetch-models", "stage", "train"}
