@@ -251,10 +251,9 @@ def spec_schema() -> dict:
             "resources must not set the GPU resource: GPUs follow from "
             + ("tensorParallelSize" if section == "inference" else "processesPerNode"),
             fieldPath=".resources"))
-    flags = "[" + ", ".join(f"'{f}'" for f in RESERVED_VLLM_FLAGS) + "]"
     _add_rules(props["inference"]["properties"]["extraArgs"], _rule(
-        f"self.all(a, !({flags}.exists(f, a == f || a.startsWith(f + '='))))",
-        "must not repeat flags the operator sets (" + ", ".join(RESERVED_VLLM_FLAGS) + ")"))
+        f"self.all(a, !a.matches('{_flag_regex(RESERVED_VLLM_FLAGS)}'))",
+        "must not repeat flags the operator sets (" + ", ".join(RESERVED_VLLM_FLAGS) + "), in any spelling"))
     stages = "[" + ", ".join(f"'{s}'" for s in (SERVING, *ALL_STAGES)) + "]"
     _add_rules(props["retry"]["properties"]["stages"], _rule(
         f"self.all(k, k in {stages})", "keys must be stage names: " + ", ".join((SERVING, *ALL_STAGES))))
@@ -289,6 +288,17 @@ def _url_rules(field: str, home: str) -> list[dict]:
     ]
 
 
+def _flag_regex(flags) -> str:
+    """An RE2 regex for every spelling of these vLLM flags vLLM's parser accepts that a regex can see: '-' or '_'
+    in the name, `=value` or `.field`, the short aliases (abbreviations are left to the operator's own check)."""
+    from ..pipeline.vllm_flags_table import OPTIONS
+
+    dests = {OPTIONS[f]["dest"] for f in flags}
+    longs = sorted({o[2:].replace("-", "[-_]") for o, v in OPTIONS.items() if v["dest"] in dests and o[:2] == "--"})
+    shorts = sorted({o for o, v in OPTIONS.items() if v["dest"] in dests and o[:2] != "--"})
+    return "^(--(" + "|".join(longs) + ")" + "".join(f"|{s}" for s in shorts) + ")([=.].*)?$"
+
+
 def _hostile_input_rules(props: dict) -> None:
     from ..pipeline.urls import KEY_HOME
 
@@ -302,6 +312,11 @@ def _hostile_input_rules(props: dict) -> None:
     _add_rules(storage["endpointUrl"], *_url_rules("storage.endpointUrl", KEY_HOME["storage.endpointUrl"]))
     judge = props["evaluate"]["properties"]["judge"]["properties"]["endpoint"]
     _add_rules(judge, *_url_rules("evaluate.judge.endpoint", KEY_HOME["evaluate.judge.endpoint"]))
+    _add_rules(props["inference"]["properties"]["extraArgs"], _rule(
+        f"self.all(a, !a.matches('{_flag_regex(('--api-key', '--hf-token', '--config'))}'))",
+        "must not pass keys (--api-key, --hf-token) or an options file (--config): keys come from Secrets"))
+    for node in (props["models"]["properties"]["base"], props["inference"]["properties"]["model"]):
+        _add_rules(node, _rule("!self.startsWith('-')", "must not begin with '-' (vLLM would read it as a flag)"))
     _add_rules(props["training"]["properties"]["lora"]["properties"]["targetModules"], _rule(
         "type(self) == string || size(self) > 0", "must name at least one module (or be all-linear)"))
 

@@ -16,6 +16,8 @@ from pydantic.alias_generators import to_camel
 
 from ..pipeline.config import ConfigError, RunConfig, _format_errors
 from ..pipeline.stages import DATA_STAGES, TRAIN_STAGES, iteration_stages
+from ..pipeline.vllm_flags import check_extra_args, check_positional
+from ..pipeline.vllm_flags_table import OPTIONS
 
 # RunConfig fields that are not part of the cluster spec (dotted snake_case paths).
 EXCLUDED_CONFIG_FIELDS = ("name", "local", "models.endpoint", "models.api_key_env")
@@ -32,10 +34,16 @@ QUANTITY = r"^[+]?[0-9.]+([eE][-+]?[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
-# vLLM flags the operator sets itself: passing them again in inference.extraArgs would conflict.
-RESERVED_VLLM_FLAGS = ("--model", "--port", "--host", "--served-model-name", "--tensor-parallel-size",
-                       "--enable-lora", "--lora-modules", "--max-lora-rank", "--max-model-len",
-                       "--gpu-memory-utilization")
+# vLLM flags the operator sets itself (in any spelling: pipeline/vllm_flags.py), and the setting that owns each:
+# passing them again in inference.extraArgs would conflict.
+RESERVED_VLLM_SETTINGS = {
+    "--model": "inference.model (or models.base)", "--port": "inference.port", "--host": "nothing (the operator)",
+    "--served-model-name": "models.generator and models.extender",
+    "--tensor-parallel-size": "inference.tensorParallelSize", "--enable-lora": "training.mode",
+    "--lora-modules": "training.mode", "--max-lora-rank": "training.lora.rank",
+    "--max-model-len": "inference.maxModelLen", "--gpu-memory-utilization": "inference.gpuMemoryUtilization",
+}
+RESERVED_VLLM_FLAGS = tuple(RESERVED_VLLM_SETTINGS)
 # Longest run name: `<run>-i01-train-generator-a1-0` must stay a DNS label (63) for Indexed Job pod hostnames.
 MAX_RUN_NAME = 36
 
@@ -299,10 +307,15 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
                               f"must not set {section.gpu_resource} (GPUs follow from the parallelism fields)")
     if config.models.base.startswith("tiny://"):
         errors.append("models.base: tiny:// models exist on a laptop only: name a real model")
-    reserved = [a for a in cluster.inference.extra_args
-                if any(a == f or a.startswith(f + "=") for f in RESERVED_VLLM_FLAGS)]
-    if reserved:
-        errors.append(f"inference.extraArgs: must not repeat flags the operator sets ({', '.join(reserved)})")
+    reserved = {OPTIONS[f]["dest"]: owner for f, owner in RESERVED_VLLM_SETTINGS.items()}
+    problems = check_extra_args(cluster.inference.extra_args, reserved)
+    if problems:
+        errors.append(f"inference.extraArgs: must not repeat flags the operator sets, nor keys: {'; '.join(problems)}")
+    if cluster.inference.model is not None:
+        try:
+            check_positional(cluster.inference.model)
+        except ValueError as err:
+            errors.append(f"inference.model: {err}")
     if cluster.training.image is None and training_image_beside(cluster.image) is None:
         errors.append("training.image: required when spec.image is pinned by digest (the training image beside it "
                       "cannot be named)")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from .urls import check_http_url
+from .vllm_flags import check_extra_args, check_positional
 from .yamlfile import YAMLFileError, dump, load_mapping, parse_documents, shorten
 
 # Run names become S3 prefixes and Kubernetes names: a DNS-1123 label cannot escape its prefix.
@@ -76,7 +77,7 @@ class Models(Model):
 
     base: str = Field(
         "tiny://qwen2",
-        min_length=1,
+        min_length=1, max_length=1024,
         description="Base model: a local path, a Hugging Face name for real clusters, or tiny://qwen2 "
         "for the locally built tiny model.",
     )
@@ -97,6 +98,11 @@ class Models(Model):
     @classmethod
     def _endpoint_is_http(cls, value: str | None) -> str | None:
         return None if value is None else check_http_url(value, "models.endpoint")
+
+    @field_validator("base")
+    @classmethod
+    def _base_is_no_flag(cls, value: str) -> str:
+        return check_positional(value)  # vLLM's positional model argument
 
 
 class SelfInstruct(Model):
@@ -199,6 +205,15 @@ class Storage(Model):
         raise ValueError("must start with file:// or s3://")
 
 
+# vLLM flags the local runner sets itself (pipeline/serving.py): vLLM dest -> the setting that owns it.
+LOCAL_RESERVED_FLAGS = {
+    "model": "models.base", "served_model_name": "models.generator and models.extender",
+    "host": "nothing (the runner's server listens on loopback)", "port": "local.port",
+    "max_model_len": "local.maxModelLen", "enable_lora": "training (the runner serves the adapters it trained)",
+    "lora_modules": "training (the runner serves the adapters it trained)", "max_lora_rank": "training.lora.rank",
+}
+
+
 class Local(Model):
     """The vLLM server the local runner starts when models.endpoint is empty."""
 
@@ -210,7 +225,16 @@ class Local(Model):
     max_model_len: int = Field(2048, ge=64)
     kv_cache_gib: int = Field(1, ge=1, le=512)
     startup_timeout_seconds: float = Field(300, gt=0)
-    extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments, one per item")
+    extra_args: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="More vLLM arguments, one per item")
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args(cls, value: list[str]) -> list[str]:
+        problems = check_extra_args(value, LOCAL_RESERVED_FLAGS)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
 
 class BuildSft(Model):

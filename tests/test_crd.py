@@ -327,6 +327,16 @@ CEL_CASES = [
     ("target-modules-empty", with_path(S(), ["training", "lora"], {"targetModules": []}), None, "demo",
      "spec.training.lora.targetModules: Invalid value: must name at least one module"),
     ("name-reserved", S(), None, "iter-01", "<root>: Invalid value: metadata.name: names of the form iter-NN"),
+    ("vllm-flags-underscore", with_path(S(), ["inference", "extraArgs"], ["--max_model_len=4096"]), None, "demo",
+     "spec.inference.extraArgs: Invalid value: must not repeat flags the operator sets"),
+    ("vllm-flags-short", with_path(S(), ["inference", "extraArgs"], ["-tp", "2"]), None, "demo",
+     "spec.inference.extraArgs: Invalid value: must not repeat flags the operator sets"),
+    ("vllm-api-key", with_path(S(), ["inference", "extraArgs"], ["--api-key", "sk-live-0123456789abcdef"]), None,
+     "demo", "spec.inference.extraArgs: Invalid value: must not pass keys"),
+    ("base-flag", with_path(S(), ["models", "base"], "--trust-remote-code"), None, "demo",
+     "spec.models.base: Invalid value: must not begin with '-'"),
+    ("inference-model-flag", with_path(S(), ["inference", "model"], "-tp"), None, "demo",
+     "spec.inference.model: Invalid value: must not begin with '-'"),
 ] + [
     (f"{field}-{kind}", with_path(S(), path, url), None, "demo", f"spec.{field}: Invalid value: {expected}")
     for field, path in (("storage.endpointUrl", ["storage", "endpointUrl"]),

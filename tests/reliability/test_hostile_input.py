@@ -317,3 +317,79 @@ def test_user_strings_reach_containers_literally_after_kubelet_expansion(model, 
             assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node-rank") + 1] == (
                 "<field NODE_RANK>"), argv
     assert seen == {"vllm", "fetch-models", "stage", "train"}
+
+
+# -- one reader of vLLM flags --------------------------------------------------------------------------------------
+
+PORT_SPELLINGS = [["--port", "9000"], ["--port=9000"], ["--po" + "rt=9000"], ["--port", "9000", "--enforce-eager"]]
+TP_SPELLINGS = [["--tensor-parallel-size", "2"], ["--tensor_parallel_size=2"], ["-tp", "2"], ["-tp=2"],
+                ["--tensor-parallel", "2"], ["--enforce-eager", "--tensor-parallel-size=2"]]
+
+
+@pytest.mark.parametrize("args", [*PORT_SPELLINGS, ["--max_model_len=64"], ["--max-model-len", "64"],
+                                  ["--served_model_name", "a", "b"], ["--enable-lora"], ["--no-enable-lora"],
+                                  ["--lora_modules", "a=/x"], ["--host=0.0.0.0"], ["--model", "m"]])
+def test_every_spelling_of_a_flag_the_local_runner_sets_is_refused(args):
+    with pytest.raises(ConfigError, match=r"  local\.extraArgs: .*is set by selflengthen"):
+        parse_config({"local": {"extraArgs": args}})
+
+
+@pytest.mark.parametrize("args", [*TP_SPELLINGS, *PORT_SPELLINGS, ["--device-memory-utilization", "0.5"]])
+def test_every_spelling_of_a_flag_the_operator_sets_is_refused(args):
+    from kube_fixtures import spec
+    from selflengthen.operator.spec import parse_spec
+
+    with pytest.raises(ConfigError, match=r"spec\.inference\.extraArgs: must not repeat flags the operator sets"):
+        parse_spec("demo", spec(inference={"extraArgs": args}))
+
+
+@pytest.mark.parametrize("args", [["--enable-prefix-caching"], ["--max-num-seqs", "8"], ["-O3"], ["--seed", "-1"],
+                                  ["--compilation-config.level", "3"], ["--dtype=bfloat16"], ["-q", "fp8"],
+                                  ["--enforce-eager", "--max-num-batched-tokens=4096"]])
+def test_ordinary_vllm_arguments_pass(args):
+    assert parse_config({"local": {"extraArgs": args}}).local.extra_args == args
+
+
+@pytest.fixture(scope="module")
+def vllm_parser():
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+
+@pytest.mark.vllm
+def test_the_flag_table_is_vllms_own(vllm_parser):
+    from selflengthen.pipeline import vllm_flags
+
+    assert vllm_flags.TABLE_PATH.read_text() == vllm_flags._table_from_vllm(), (
+        "run `python -m selflengthen.pipeline.vllm_flags --write`")
+
+
+SPELLED = st.sampled_from([["--port", "1"], ["--port=2"], ["--max_model_len", "64"], ["-tp", "2"], ["-tp=4"],
+                           ["--tensor-parallel", "2"], ["--enable-lora"], ["--no-enable-lora"], ["--served", "a", "b"],
+                           ["--max-num-seqs", "3"], ["--seed=-1"], ["--enforce-eager"], ["-O3"], ["-q", "fp8"],
+                           ["--served-model-name=x"], ["--lora-modules", "a=/p", "b=/q"], ["--max-lora-rank=16"],
+                           ["--gpu_memory_utilization", "0.5"], ["--host", "h"], ["--dtype", "half"]])
+
+
+@pytest.mark.vllm
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(SPELLED, max_size=5).map(lambda parts: [a for p in parts for a in p]))
+def test_the_parser_reads_flags_as_vllm_does(vllm_parser, args):
+    """Which flags a command line sets, by our reader and by vLLM's own parser: the same."""
+    from selflengthen.pipeline.vllm_flags import parse
+
+    ours = {a.dest for a in parse(args) if a.dest}
+    namespace = vllm_parser.parse_args(["serve-model", *args])
+    theirs = set()
+    for action in vllm_parser._actions:
+        if action.option_strings and action.dest != "help" and any(
+                o in args or any(a.startswith(o + "=") for a in args) for o in action.option_strings):
+            theirs.add(action.dest)
+    # vLLM's view, from the namespace: every dest that differs from its default was set
+    changed = {a.dest for a in vllm_parser._actions
+               if a.option_strings and a.dest != "help" and getattr(namespace, a.dest, a.default) != a.default}
+    assert changed <= ours, (args, changed - ours)
+    assert theirs <= ours, (args, theirs - ours)
