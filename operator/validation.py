@@ -20,7 +20,9 @@ from .crd import crd
 _MISSING = object()
 
 
+@lru_cache(maxsize=1)
 def root_schema() -> dict:
+    """The CRD's schema, generated once (from the pydantic models: ~0.2 s); callers only read it."""
     return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
