@@ -29,7 +29,7 @@ from ..pipeline.urls import redact, redact_log_records
 from .crd import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from .kube import BY_KIND, CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, PODS, SERVICES, ApiError, Kube, Resource
 from .probe import Probe, store_probe
-from .reconcile import Action, Event, Observed, Plan, cleanup_actions, invalid_spec, reconcile
+from .reconcile import Action, Event, Observed, Plan, child_rejected, cleanup_actions, invalid_spec, reconcile
 from .resources import LABEL_RUN, MANAGED_BY, Run, selector
 from .spec import parse_spec, run_steps
 
@@ -37,6 +37,9 @@ log = logging.getLogger("selflengthen.operator")
 RUNS = Resource(GROUP, VERSION, PLURAL, KIND)
 FINALIZER = "selflengthen.io/finalizer"
 COMPONENT = "selflengthen-operator"
+# Answers to a create that mean "not this object" (not "not now"): 400 BadRequest, 403 Forbidden (admission
+# webhooks, quotas, policies), 422 Invalid; the state machine records them (reconcile.child_rejected).
+REFUSALS = (400, 403, 422)
 QUIET_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
 
 
@@ -265,7 +268,15 @@ class Controller:
                 observed = await self.observe(run, status, logger)
                 plan = reconcile(run, generation, status, observed, now)
                 for action in plan.actions:
-                    await self.apply(run, action, logger)
+                    try:
+                        await self.apply(run, action, logger)
+                    except ApiError as err:
+                        if action.verb != "create" or err.status not in REFUSALS:
+                            raise
+                        # the API server refused the child (validation, admission, quota): the status says so
+                        plan = child_rejected(plan, run, generation, action, err.status, err.reason, err.message,
+                                              now)
+                        break
             # Events before the status that records their transition: a crash in between posts them again
             # (at least once) instead of never (the next reconcile sees no transition in the written status).
             for event in plan.events:

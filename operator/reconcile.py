@@ -52,6 +52,10 @@ from .resources import (
 from .spec import COLLECT_STAGE, DATA_STAGES, EVAL_STAGE, SERVING, TRAIN_STAGES, run_steps
 from .status import MAX_FAILURES_KEPT, MAX_MESSAGE, build_status
 
+CHILD_REJECTED = "ChildRejected"
+# Refusals that the same request meets again (the object itself is invalid): the run fails until its spec changes.
+# Others (403: a quota, a webhook; 429) may pass on a later try: the run stays Degraded and retries.
+PERMANENT_REFUSALS = (400, 422)
 ACTIVE_PHASES = ("Pending", "Serving", "Generating", "ScalingDown", "Training", "Evaluating")
 
 
@@ -461,8 +465,11 @@ class _Reconciler:
             progressing = ("True", phase, where or "starting")
         else:
             progressing = ("False", phase, ready[2])
+        rejection = self.status.get("rejection")
         if phase == "Failed":
             degraded = ("True", failure.get("reason") or "Failed", self.status.get("failureMessage") or "")
+        elif rejection:
+            degraded = ("True", CHILD_REJECTED, rejection_text(rejection))
         elif retrying and failure:
             degraded = ("True", "Retrying", f"iteration {failure.get('iteration')}: {failure.get('stage')} attempt "
                         f"{failure.get('attempt')} failed: {failure.get('reason')}: {failure.get('message')}")
@@ -488,12 +495,19 @@ class _Reconciler:
             self.event("Normal", "Accepted", f"run accepted: {self.cfg.iterations} iteration(s) of "
                        f"{self.cfg.models.base}, artifacts in {self.cfg.storage.uri}/{self.run.name}")
         self.release_failed_jobs()
-        if st.get("phase") == "Failed" and (st.get("lastFailure") or {}).get("reason") != "InvalidSpec":
+        rejection = st.get("rejection")
+        if rejection and (rejection.get("generation") != self.generation or rejection.get("name") in {
+                **self.obs.jobs, **self.obs.deployments, **self.obs.services, **self.obs.config_maps}):
+            st.pop("rejection")  # the spec changed (the next create may pass) or the child exists now
+            rejection = None
+        reason = (st.get("lastFailure") or {}).get("reason")
+        if st.get("phase") == "Failed" and (reason not in ("InvalidSpec", CHILD_REJECTED) or rejection):
             self.cleanup_serving()
             return self.finish()
-        if st.get("phase") == "Failed":  # an invalid spec was fixed
+        if st.get("phase") == "Failed":  # an invalid spec was fixed, or a spec a child was refused for changed
             st.pop("failureMessage", None)
             st.pop("finishedAt", None)
+            st["phase"] = "Pending"  # not Failed any more: the steps below set the phase they reach
         self.ensure_config()
         pending = [(k, s) for k, s in self.steps() if not self.done(k, s)]
         for k, s in self.steps():
@@ -642,6 +656,47 @@ def invalid_spec(status: dict | None, generation: int, message: str, now: dt.dat
                       else ts(now), "observedGeneration": generation})
     st["conditions"] = conds
     return Plan([], build_status(st), events, None)
+
+
+def rejection_text(rejection: dict) -> str:
+    return (f"{rejection.get('kind')} {rejection.get('name')} refused by the API server "
+            f"({rejection.get('code')} {rejection.get('reason') or ''}): {rejection.get('message') or ''}")
+
+
+def child_rejected(plan: Plan, run: Run, generation: int, action: Action, code: int, reason: str, message: str,
+                   now: dt.datetime) -> Plan:
+    """The API server refused to create a child of `plan` (the actions after it were not applied): the status
+    says so (condition Degraded, reason ChildRejected, the API's message trimmed) with a Warning Event; a
+    refusal the same request would meet again fails the run (until its spec changes), any other is retried."""
+    st = copy.deepcopy(plan.status)
+    old = st.get("rejection") or {}
+    rejection = {"kind": action.kind, "name": action.name, "code": code, "reason": reason,
+                 "message": _truncate(message, 512), "time": ts(now), "generation": generation}
+    st["rejection"] = rejection
+    text = rejection_text(rejection)
+    events = [e for e in plan.events]
+    if (old.get("name"), old.get("message"), old.get("generation")) != (
+            rejection["name"], rejection["message"], generation):
+        events.append(Event("Warning", CHILD_REJECTED, text))
+    permanent = code in PERMANENT_REFUSALS
+    if permanent:
+        k, stage = st.get("currentIteration"), st.get("stage")
+        st.update(phase="Failed", finishedAt=ts(now), failureMessage=_truncate(text))
+        st["lastFailure"] = {"iteration": k, "stage": stage, "reason": CHILD_REJECTED, "message": _truncate(text),
+                             "time": ts(now)}
+        events.append(Event("Warning", "RunFailed", f"{text}; fix the spec (the run resumes when it changes)"))
+    conds = []
+    for c in st.get("conditions") or []:
+        c = dict(c)
+        if c["type"] == "Degraded" or (permanent and c["type"] in ("Ready", "Progressing")):
+            value = "True" if c["type"] == "Degraded" else "False"
+            if c.get("status") != value:
+                c["lastTransitionTime"] = ts(now)
+            c.update(status=value, reason=CHILD_REJECTED, message=_truncate(text))
+        conds.append(c)
+    st["conditions"] = conds
+    delay = 1.0 if permanent else max(float(run.cluster.retry.backoff_seconds), 5.0)
+    return Plan([], build_status(st), events, delay)
 
 
 def cleanup_actions(observed: Observed) -> list[Action]:

@@ -295,6 +295,10 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
     status_subresources: set = attrs.field(factory=set, init=False)
     strict_resources: set = attrs.field(factory=set, init=False)  # validated like kube-apiserver (_admit_run)
     unchecked: set = attrs.field(factory=set, init=False)  # names of runs whose next create skips the CEL rules
+    refused: list = attrs.field(factory=list, init=False)  # (kind, name, causes) of every child create refused
+    # admission the cluster adds (ValidatingAdmissionPolicies, webhooks, quotas): policy(kind, obj) -> None to
+    # admit, or (code, message) to refuse (422 as a ValidatingAdmissionPolicy denies, 403 as a quota or webhook)
+    policies: list = attrs.field(factory=list, init=False)
 
     def register_crd(self, crd: dict) -> None:
         spec = crd["spec"]
@@ -373,6 +377,37 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
             meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
         object.__setattr__(request, "data", merge_diff(current, final))
 
+    def _admit_child(self, request) -> None:
+        """A built-in object is created only when kube-apiserver would accept it (tests/kube_admission.py: the
+        official schema, strict, and the server's own checks); apiVersion and kind default from the URL."""
+        from kube_admission import child_errors
+
+        res, data = request.resource, request.data
+        kind = BUILTIN_KINDS.get((res.group, res.plural))
+        if kind is None:
+            return
+        data.setdefault("apiVersion", f"{res.group}/{res.version}" if res.group else res.version)
+        data.setdefault("kind", kind)
+        if request.namespace and kind != "Namespace":
+            data.setdefault("metadata", {}).setdefault("namespace", request.namespace)
+        meta = data.get("metadata") or {}
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + "x" * 5  # as long as the name the server will make
+        errors = child_errors(data)
+        if meta.get("name") == meta.get("generateName", "") + "x" * 5:
+            meta.pop("name")
+        if errors:
+            self.refused.append((kind, meta.get("name") or meta.get("generateName"), errors))
+            raise _invalid(request, meta.get("name") or "", [(f, "FieldValueInvalid", m) for f, m in errors],
+                           kind=kind)
+        for policy in self.policies:
+            refusal = policy(kind, data)
+            if refusal:
+                code, message = refusal
+                self.refused.append((kind, meta.get("name"), [("", message)]))
+                raise kmock.KubernetesError(status=code, reason={403: "Forbidden", 422: "Invalid"}.get(code, "Error"),
+                                            message=message, details={"name": meta.get("name"), "kind": kind})
+
     def _has_status(self, resource) -> bool:
         return resource in self.status_subresources or (
             resource.group in ("apps", "batch") or (resource.group == "" and resource.plural in ("pods", "services")))
@@ -422,6 +457,7 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
             return await super()._handle(request)
         data = request.data
         if request.resource is not None and request.action == _kmock_enums.action.CREATE and isinstance(data, dict):
+            self._admit_child(request)
             meta = data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
@@ -504,11 +540,16 @@ def _cause(error: str) -> tuple[str, str, str]:
     return field, reason, message
 
 
+BUILTIN_KINDS = {("", "configmaps"): "ConfigMap", ("", "services"): "Service", ("", "pods"): "Pod",
+                 ("", "secrets"): "Secret", ("", "events"): "Event", ("", "namespaces"): "Namespace",
+                 ("apps", "deployments"): "Deployment", ("batch", "jobs"): "Job"}
+
+
 def _invalid(request, name: str, causes: list[tuple[str, str, str]], *, reason: str = "Invalid",
-             status: int = 422) -> kmock.KubernetesError:
+             status: int = 422, kind: str | None = None) -> kmock.KubernetesError:
     """The Status an API server answers a refused write with: `Kind.group "name" is invalid: [causes]`."""
     info = request.resource
-    kind = {"selflengthenruns": "SelfLengthenRun"}.get(info.plural, info.plural)
+    kind = kind or {"selflengthenruns": "SelfLengthenRun"}.get(info.plural, info.plural)
     qualified = f"{kind}.{info.group}" if info.group else kind
     listed = ", ".join(f"{f}: {m}" for f, _, m in causes)
     return kmock.KubernetesError(
@@ -579,9 +620,12 @@ class MemoryProbe:
 
 async def prepare_api(k8s) -> None:
     """Discovery of the built-ins, our CRD and kopf's peering CRDs, and the namespace the tests use."""
+    from kube_admission import warm
+
     from selflengthen.operator.crd import crd
     from selflengthen.operator.deploy import peering_crds
 
+    warm({kind: f"{group}/v1" if group else "v1" for (group, _), kind in BUILTIN_KINDS.items()})
     k8s.resources.load_bundled()
     k8s.register_crd(crd())
     for peering in peering_crds():

@@ -50,8 +50,9 @@ async def test_realistic_api_server_stamps_metadata_and_honours_subresources(clu
     rv = int(meta["resourceVersion"])
     cm = await cluster.patch("ConfigMap", "a", {"data": {"k": "v"}, "metadata": {"uid": "forged"}})
     assert int(cm["metadata"]["resourceVersion"]) > rv and cm["metadata"]["uid"] == meta["uid"]
-    ev = await cluster.request("POST", PATHS["Event"], {"metadata": {"generateName": "demo."}, "reason": "R"})
-    ev2 = await cluster.request("POST", PATHS["Event"], {"metadata": {"generateName": "demo."}, "reason": "R"})
+    event = {"metadata": {"generateName": "demo."}, "reason": "R", "involvedObject": {"kind": "ConfigMap", "name": "a"}}
+    ev = await cluster.request("POST", PATHS["Event"], event)
+    ev2 = await cluster.request("POST", PATHS["Event"], event)
     assert ev["metadata"]["name"].startswith("demo.") and ev["metadata"]["name"] != ev2["metadata"]["name"]
 
     run = await cluster.apply("demo", spec())
@@ -230,7 +231,7 @@ async def test_a_stage_failing_always_fails_the_run_with_reason_and_event(cluste
 
 async def test_vllm_never_healthy_fails_serving_after_the_startup_timeout(cluster):
     async with operator(cluster):
-        await cluster.apply("demo", spec(iterations=1, inference={"startupTimeoutSeconds": 1},
+        await cluster.apply("demo", spec(iterations=1, inference={"startupTimeoutSeconds": 5},
                                          retry={"maxAttempts": 1}))
         await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving")
         dep = await cluster.get("Deployment", "demo-m00-vllm-a1")
@@ -243,7 +244,7 @@ async def test_vllm_never_healthy_fails_serving_after_the_startup_timeout(cluste
             "lastState": {"terminated": {"reason": "Error", "exitCode": 1,
                                          "message": "ValueError: Bfloat16 is only supported on GPUs"}}}]}},
             "status")
-        st = await cluster.wait(lambda s: s.get("phase") == "Failed", "Failed", timeout=10)
+        st = await cluster.wait(lambda s: s.get("phase") == "Failed", "Failed", timeout=15)
         failure = st["lastFailure"]
         assert failure["reason"] == "StartupTimeout" and failure["stage"] == "serving"
         assert "CrashLoopBackOff" in failure["message"] and "Bfloat16 is only supported" in failure["message"]
@@ -308,3 +309,52 @@ async def test_invalid_spec_that_bypassed_admission_is_reported(cluster):
         assert st["lastFailure"]["reason"] == "InvalidSpec" and "spec.storage.uri" in st["lastFailure"]["message"]
         assert await cluster.names("Job") == [] and await cluster.names("Deployment") == []
         assert [e["reason"] for e in await cluster.events()] == ["InvalidSpec"]
+
+
+# -- children the API server refuses ----------------------------------------------------------------------------------
+
+
+def deny(kind: str, code: int, message: str):
+    return lambda k, obj: (code, message) if k == kind else None
+
+
+async def test_a_child_the_api_server_refuses_fails_the_run_until_its_spec_changes(cluster):
+    message = ("ValidatingAdmissionPolicy 'gpu-nodes' with binding 'gpu-nodes' denied request: inference pods must "
+               "select a GPU node pool " + "x" * 2000)
+    policy = deny("Deployment", 422, message)
+    cluster.k8s.policies.append(policy)
+    async with operator(cluster):
+        await cluster.apply("demo", spec(iterations=1))
+        st = await cluster.wait(lambda s: s.get("phase") == "Failed", "Failed")
+        conds = {c["type"]: c for c in st["conditions"]}
+        assert conds["Degraded"]["status"] == "True" and conds["Degraded"]["reason"] == "ChildRejected"
+        assert "Deployment demo-m00-vllm-a1 refused by the API server (422" in conds["Degraded"]["message"]
+        assert "must select a GPU node pool" in conds["Degraded"]["message"]
+        assert len(conds["Degraded"]["message"]) < 1100  # the API's message trimmed
+        assert conds["Ready"]["reason"] == "ChildRejected" and st["lastFailure"]["reason"] == "ChildRejected"
+        await asyncio.sleep(1.0)  # several polls: reported once
+        assert [e["reason"] for e in await cluster.events() if e["type"] == "Warning"] == ["ChildRejected",
+                                                                                           "RunFailed"]
+        cluster.k8s.policies.remove(policy)  # the cluster's policy changed; and so did the spec:
+        await cluster.patch_run({"spec": {"iterations": 2}})
+        st = await cluster.wait(lambda s: s.get("phase") == "Serving" and "rejection" not in s, "resumed")
+        assert {c["type"]: c for c in st["conditions"]}["Degraded"]["status"] == "False"
+        assert "demo-m00-vllm-a1" in await cluster.names("Deployment")
+
+
+async def test_a_child_refused_for_now_keeps_the_run_degraded_and_is_retried(cluster):
+    quota = deny("Job", 403, 'jobs "demo-i01-self-instruct-a1" is forbidden: exceeded quota: jobs, requested: '
+                 'count/jobs.batch=1, used: count/jobs.batch=10, limited: count/jobs.batch=10')
+    cluster.k8s.policies.append(quota)
+    async with operator(cluster):
+        await cluster.apply("demo", spec(iterations=1, retry={"backoffSeconds": 0}))
+        await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving")
+        await cluster.play()
+        st = await cluster.wait(lambda s: "rejection" in s, "the refusal reported")
+        degraded = {c["type"]: c for c in st["conditions"]}["Degraded"]
+        assert degraded["reason"] == "ChildRejected" and "exceeded quota" in degraded["message"]
+        assert st["phase"] == "Generating"
+        cluster.k8s.policies.remove(quota)
+        st = await cluster.wait(lambda s: "rejection" not in s, "the Job created")
+        assert "demo-i01-self-instruct-a1" in await cluster.names("Job")
+        assert {c["type"]: c for c in st["conditions"]}["Degraded"]["status"] == "False"

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from kube_fixtures import World, current_child, make_run, play_cluster, run_to_completion, spec
 from selflengthen.operator.crd import status_schema
-from selflengthen.operator.reconcile import cleanup_actions, invalid_spec, reconcile
+from selflengthen.operator.reconcile import child_rejected, cleanup_actions, invalid_spec, reconcile
 from selflengthen.operator.status import build_status
 from selflengthen.operator.validation import prune, status_problems
 
@@ -111,6 +111,21 @@ def test_every_path_of_the_state_machine_emits_statuses_the_api_server_stores_as
     world.status = {}
     run_to_completion(world)
     assert world.status["phase"] == "Succeeded"
+    note(world)
+
+    # a child the API server refuses: for now (403, Degraded), then for good (422, Failed until the spec changes)
+    world = World(make_run(spec(iterations=1)))
+    plan = world.step()
+    create = next(a for a in plan.actions if a.verb == "create" and a.kind == "Deployment")
+    del world.objects[("Deployment", create.name)]  # it was refused, so it is not there
+    for code in (403, 422):
+        plan = child_rejected(plan, world.run, 1, create, code, "Invalid", "denied: " + "x" * 5000, world.now)
+        assert status_problems(plan.status) == [] and plan.status["rejection"]["code"] == code
+        world.status = plan.status
+        assert stored(plan.status) == plan.status
+    assert plan.status["phase"] == "Failed" and plan.status["lastFailure"]["reason"] == "ChildRejected"
+    world.step()
+    assert world.status["phase"] == "Failed"  # the same spec would be refused again
     note(world)
 
     # an invalid spec (admission bypassed)
