@@ -37,6 +37,11 @@ log = logging.getLogger("selflengthen.operator")
 RUNS = Resource(GROUP, VERSION, PLURAL, KIND)
 FINALIZER = "selflengthen.io/finalizer"
 COMPONENT = "selflengthen-operator"
+# The children whose changes wake their run's daemon; kopf watches them with this server-side label selector.
+WATCHED_CHILDREN = (("batch", "v1", "jobs"), ("apps", "v1", "deployments"), ("", "v1", "pods"))
+MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+LIST_CHUNK = 500
+FINISHED_PHASES = ("Succeeded", "Failed")
 # Answers to a create that mean "not this object" (not "not now"): 400 BadRequest, 403 Forbidden (admission
 # webhooks, quotas, policies), 422 Invalid; the state machine records them (reconcile.child_rejected).
 REFUSALS = (400, 403, 422)
@@ -93,6 +98,10 @@ class Controller:
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     reconciles: int = 0
     written: dict[tuple[str, str], str] = field(default_factory=dict)  # resourceVersion of our last status write
+    finished: dict[tuple[str, str], bool] = field(default_factory=dict)  # runs Succeeded or Failed, at rest
+    # one store client per run and store (not one per reconcile); dropped when reading the store fails (rotated
+    # credentials, a moved endpoint), so the next reconcile opens it again
+    probes: dict[tuple[str, str], tuple[tuple, Probe]] = field(default_factory=dict)
 
     @property
     def metrics(self) -> Metrics:
@@ -161,7 +170,7 @@ class Controller:
                     for s, rec in (r.get("stages") or {}).items() if rec.get("state") == "Succeeded"}
         steps = run_steps(run.config)
         try:
-            probe = await self.options.probe(self.client(), run)
+            probe = await self.probe(run)
             for k, s in steps:
                 if (k, s) in recorded:
                     continue
@@ -179,8 +188,19 @@ class Controller:
                     if manifest:
                         observed.manifests[(k, s)] = manifest
         except Exception as exc:  # the store is a hint; Jobs and the status still drive the run
+            self.probes.pop((run.namespace, run.name), None)
             logger.warning("store of run %s not readable (%s): going by Jobs and status only",
                            run.name, type(exc).__name__)
+
+    async def probe(self, run: Run) -> Probe:
+        cfg, access = run.config, run.cluster.storage
+        key = (run.uid, cfg.storage.uri, cfg.storage.endpoint_url, access.model_dump_json())
+        cached = self.probes.get((run.namespace, run.name))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        probe = await self.options.probe(self.client(), run)
+        self.probes[(run.namespace, run.name)] = (key, probe)
+        return probe
 
     # ---- acting
 
@@ -284,6 +304,7 @@ class Controller:
                 await self.post_event(obj, event)
             await self.write_status(namespace, name, status, plan.status)
             self.record_metrics(namespace, name, status, plan.status)
+            self.finished[(namespace, name)] = plan.status.get("phase") in FINISHED_PHASES and not plan.actions
             return plan.requeue_after
 
     async def cleanup(self, namespace: str, name: str, uid: str, spec: dict, logger: logging.Logger) -> None:
@@ -332,6 +353,11 @@ def build_registry(options: OperatorOptions | None = None) -> tuple[kopf.Operato
         for noisy in QUIET_LOGGERS:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         settings.execution.max_workers = 4
+        # Only our children, filtered by the API server (a handler's labels= filters in the client, after the
+        # whole cluster's pods were listed and watched), and listed in chunks (no one LIST of every object).
+        for group, version, plural in WATCHED_CHILDREN:
+            settings.watching.label_selectors[group, version, plural] = MANAGED_SELECTOR
+        settings.watching.chunk_size = LIST_CHUNK
         if options.configure:
             options.configure(settings)
 
@@ -364,6 +390,8 @@ def build_registry(options: OperatorOptions | None = None) -> tuple[kopf.Operato
                     logger.warning("reconcile of %s: %s", name, err)
                     delay = err.delay or options.poll_seconds
                 timeout = options.poll_seconds if delay is None else min(max(delay, 0.05), options.poll_seconds)
+                if delay is None and controller.finished.get((namespace, name)):
+                    timeout = None  # a finished run: nothing to poll; a change of the run or a child wakes it
                 try:
                     await asyncio.wait_for(waker.wait(), timeout=timeout)
                 except TimeoutError:
@@ -379,13 +407,15 @@ def build_registry(options: OperatorOptions | None = None) -> tuple[kopf.Operato
     def child_changed(labels, namespace, **_):
         controller.wake(namespace, labels.get(LABEL_RUN))
 
-    for group, version, plural in (("batch", "v1", "jobs"), ("apps", "v1", "deployments"), ("", "v1", "pods")):
+    for group, version, plural in WATCHED_CHILDREN:
         kopf.on.event(group, version, plural, labels=managed, registry=registry,
                       id=f"wake-on-{plural}")(child_changed)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
     async def delete_run(name, namespace, uid, spec, logger, **_):
         controller.wakers.pop((namespace, name), None)
+        controller.probes.pop((namespace, name), None)
+        controller.finished.pop((namespace, name), None)
         await controller.cleanup(namespace, name, uid, dict(spec), logger)
         controller.metrics.forget_run(name, namespace)
         logger.info("run %s deleted: children removed%s", name,

@@ -46,6 +46,7 @@ CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
 PODS = Resource("", "v1", "pods", "Pod")
 SECRETS = Resource("", "v1", "secrets", "Secret")
 EVENTS = Resource("", "v1", "events", "Event")
+LIST_CHUNK = 500  # objects per LIST response (limit/continue), so that no one response holds a whole namespace
 BY_KIND = {r.kind: r for r in (DEPLOYMENTS, JOBS, SERVICES, CONFIGMAPS, PODS, SECRETS, EVENTS)}
 
 
@@ -144,10 +145,20 @@ class Kube:
                 return None
             raise
 
-    async def list(self, res: Resource, namespace: str, selector: dict[str, str] | None = None) -> list[dict]:
-        params = {"labelSelector": ",".join(f"{k}={v}" for k, v in selector.items())} if selector else None
-        doc = await self.request("GET", res.path(namespace), params=params)
-        return list((doc or {}).get("items") or [])
+    async def list(self, res: Resource, namespace: str, selector: dict[str, str] | None = None, *,
+                   chunk: int = LIST_CHUNK) -> list[dict]:
+        """The objects matching the label selector (filtered by the server), fetched `chunk` at a time."""
+        params = {"limit": str(chunk)}
+        if selector:
+            params["labelSelector"] = ",".join(f"{k}={v}" for k, v in selector.items())
+        items: list[dict] = []
+        while True:
+            doc = await self.request("GET", res.path(namespace), params=params) or {}
+            items.extend(doc.get("items") or [])
+            token = (doc.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+            params["continue"] = token
 
     async def create(self, res: Resource, namespace: str, body: dict) -> dict:
         return await self.request("POST", res.path(namespace), body=body)

@@ -177,9 +177,13 @@ def _program(rule: str):
     return env.program(env.compile(rule))
 
 
-def _cel_errors(schema: dict, value: Any, old: Any, path: list) -> list[str]:
+def _cel_errors(schema: dict, value: Any, old: Any, path: list, ratchet: bool = False) -> list[str]:
+    """`ratchet`: a value equal to the old one is not validated again (the API server's validation ratcheting,
+    GA in 1.33: an update is not refused for what it did not change)."""
     import celpy
 
+    if ratchet and old is not _MISSING and value == old:
+        return []
     errors = []
     for rule in schema.get("x-kubernetes-validations", []):
         transition = "oldSelf" in rule["rule"]
@@ -202,11 +206,12 @@ def _cel_errors(schema: dict, value: Any, old: Any, path: list) -> list[str]:
             for name, sub in props.items():
                 if name in value:
                     sub_old = old.get(name, _MISSING) if isinstance(old, dict) else _MISSING
-                    errors.extend(_cel_errors(sub, value[name], sub_old, [*path, name]))
+                    errors.extend(_cel_errors(sub, value[name], sub_old, [*path, name], ratchet))
         elif isinstance(schema.get("additionalProperties"), dict):
             for key, sub_value in value.items():
                 sub_old = old.get(key, _MISSING) if isinstance(old, dict) else _MISSING
-                errors.extend(_cel_errors(schema["additionalProperties"], sub_value, sub_old, [*path, key]))
+                errors.extend(_cel_errors(schema["additionalProperties"], sub_value, sub_old, [*path, key],
+                                           ratchet))
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for i, item in enumerate(value):
             errors.extend(_cel_errors(schema["items"], item, _MISSING, [*path, i]))
@@ -221,9 +226,9 @@ def admit(obj: dict, old: dict | None = None, *, prune_unknown: bool = False,
     """Default and validate a SelfLengthenRun as the API server would; returns (defaulted object, errors).
 
     `prune_unknown`: drop undeclared fields silently first (the server's default field validation) instead of
-    refusing them (kubectl's fieldValidation=Strict). `ratchet`: on an update, skip the CEL rules of the top-level
-    sections that did not change (the server's validation ratcheting: a status write does not re-run the spec's
-    rules)."""
+    refusing them (kubectl's fieldValidation=Strict). `ratchet`: on an update, skip the CEL rules of the values that
+    did not change (the server's validation ratcheting: a status write does not re-run the spec's rules, and a spec
+    change is not refused for a field it left alone)."""
     schema = root_schema()
     obj = copy.deepcopy(obj)
     if prune_unknown:
@@ -238,7 +243,7 @@ def admit(obj: dict, old: dict | None = None, *, prune_unknown: bool = False,
             rules = {**schema, "properties": {k: v for k, v in schema["properties"].items() if k in changed}}
             if not changed & {"spec", "metadata"}:
                 rules.pop("x-kubernetes-validations", None)  # the root's rules read metadata.name only
-            errors = _cel_errors(rules, view, old_obj, [])
+            errors = _cel_errors(rules, view, old_obj, [], True)
         else:
             errors = _cel_errors(schema, view, old_obj, [])
     return obj, errors

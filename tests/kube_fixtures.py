@@ -296,6 +296,8 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
     strict_resources: set = attrs.field(factory=set, init=False)  # validated like kube-apiserver (_admit_run)
     unchecked: set = attrs.field(factory=set, init=False)  # names of runs whose next create skips the CEL rules
     refused: list = attrs.field(factory=list, init=False)  # (kind, name, causes) of every child create refused
+    lists: list = attrs.field(factory=list, init=False)  # (plural, query parameters) of every list request
+    watches: list = attrs.field(factory=list, init=False)  # ... and of every watch request
     # admission the cluster adds (ValidatingAdmissionPolicies, webhooks, quotas): policy(kind, obj) -> None to
     # admit, or (code, message) to refuse (422 as a ValidatingAdmissionPolicy denies, 403 as a quota or webhook)
     policies: list = attrs.field(factory=list, init=False)
@@ -506,10 +508,20 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
         result["items"] = [o for o in result["items"]
                            if selector_matches((o.get("metadata") or {}).get("labels") or {}, sel)]
         result["metadata"]["resourceVersion"] = str(next(self._versions))
+        self.lists.append((request.resource.plural, dict(request.params)))
+        limit = int(request.params.get("limit") or 0)
+        if limit > 0:  # chunked: ?limit=N&continue=TOKEN (the token is our offset)
+            start = int(request.params.get("continue") or 0)
+            items = sorted(result["items"], key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
+            result["items"] = items[start:start + limit]
+            if start + limit < len(items):
+                result["metadata"]["continue"] = str(start + limit)
+                result["metadata"]["remainingItemCount"] = len(items) - start - limit
         return result
 
     async def _serve_watch(self, request):
         sel = request.params.get("labelSelector")
+        self.watches.append((request.resource.plural, dict(request.params)))
         async for event in super()._serve_watch(request):
             if isinstance(event, dict) and "object" in event and not selector_matches(
                     (event["object"].get("metadata") or {}).get("labels") or {}, sel):

@@ -358,3 +358,55 @@ async def test_a_child_refused_for_now_keeps_the_run_degraded_and_is_retried(clu
         st = await cluster.wait(lambda s: "rejection" not in s, "the Job created")
         assert "demo-i01-self-instruct-a1" in await cluster.names("Job")
         assert {c["type"]: c for c in st["conditions"]}["Degraded"]["status"] == "False"
+
+
+# -- what the operator asks the API server for ----------------------------------------------------------------------
+
+
+async def test_children_are_watched_and_listed_filtered_by_the_server_and_in_chunks(cluster):
+    from selflengthen.operator.kube import CONFIGMAPS, Kube
+
+    async with operator(cluster):
+        await cluster.apply("demo", spec(iterations=1))
+        await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving")
+    requests = [*cluster.k8s.lists, *cluster.k8s.watches]
+    children = [params for plural, params in requests if plural in ("pods", "jobs", "deployments")]
+    assert children and all("app.kubernetes.io/managed-by=selflengthen-operator" in params.get("labelSelector", "")
+                            for params in children), children
+    assert all(params.get("limit") for plural, params in cluster.k8s.lists
+               if plural in ("pods", "jobs", "deployments", "services", "configmaps")), cluster.k8s.lists
+    for i in range(5):
+        await cluster.request("POST", PATHS["ConfigMap"], {"metadata": {"name": f"c{i}", "labels": {"x": "1"}}})
+    url = str(cluster.k8s.url)
+    import kopf
+
+    kube = Kube(lambda: kopf.ConnectionInfo(server=url))
+    try:
+        before = len(cluster.k8s.lists)
+        items = await kube.list(CONFIGMAPS, NS, {"x": "1"}, chunk=2)
+        assert sorted(o["metadata"]["name"] for o in items) == [f"c{i}" for i in range(5)]
+        assert len(cluster.k8s.lists) - before == 3
+    finally:
+        await kube.close()
+
+
+async def test_a_finished_run_is_not_polled_and_its_store_opened_once(cluster):
+    opened = []
+
+    async def probe(kube, run):
+        opened.append(run.name)
+        return cluster.probe
+
+    async with operator(cluster, probe=probe) as replica:
+        await cluster.apply("demo", {**spec(), "storage": {"uri": "file:///data"}}, admitted_by_older_crd=True)
+        await cluster.wait(lambda s: s.get("phase") == "Failed", "Failed")
+        await cluster.apply("ok", spec(iterations=1))
+        await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving", name="ok")
+        await asyncio.sleep(0.5)
+        at_rest = replica.controller.reconciles
+        await asyncio.sleep(1.5)  # five poll intervals (0.3 s) of a run that is Serving and one that is Failed
+        polled = replica.controller.reconciles - at_rest
+        assert 2 <= polled <= 8, polled  # the Serving run's polls (and its startup timer) only
+        assert opened == ["ok"]  # one store client for all of ok's reconciles (demo's spec never parsed)
+        await cluster.patch_run({"spec": {"iterations": 3}})  # a change of the finished run wakes it
+        await cluster.wait(lambda s: s.get("observedGeneration") == 2, "the change seen")
