@@ -62,7 +62,7 @@ class Sampling(Model):
     repetition_penalty: float = Field(1.1, gt=0, le=2)
     max_tokens: int = Field(16384, ge=1, le=1_000_000)
     # The reference stops on "---" and triple newlines, which cut markdown short: no stops by default.
-    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=16)
 
 
 class Models(Model):

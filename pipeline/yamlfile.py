@@ -3,7 +3,8 @@ SelfLengthenRun manifests (`operator validate`).
 
 Hostile input is refused here, before any of it is validated, with one line `FILE:LINE:COLUMN: what is wrong`:
 - at most MAX_BYTES of strict UTF-8 (a byte-order mark is allowed);
-- at most MAX_DEPTH nested collections, built without recursion (deep nesting cannot exhaust the stack);
+- at most MAX_DEPTH nested collections, built without recursion (deep nesting cannot exhaust the stack), each of at
+  most MAX_ENTRIES entries;
 - anchors and aliases limited in number, and what aliases expand to limited in size (no alias bombs);
   recursive aliases and redefined anchors refused;
 - duplicate keys refused (never silently last-wins), and keys must be strings;
@@ -52,6 +53,7 @@ MAX_ANCHORS = 100
 MAX_ALIASES = 100
 MAX_ALIAS_NODES = 10_000  # nodes that all aliases together may expand to
 MAX_INT_DIGITS = 64
+MAX_ENTRIES = 5_000  # items of one list or mapping (the CRD's lists hold at most 64; validating 50,000 takes seconds)
 
 _TAG = "tag:yaml.org,2002:"
 _NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
@@ -168,6 +170,8 @@ def _document(parser) -> object:
             root = value
             return
         top = stack[-1]
+        if len(top.value) >= MAX_ENTRIES:
+            raise _Refused(mark, f"a list or mapping of more than {MAX_ENTRIES} entries")
         if isinstance(top.value, list):
             top.value.append(value)
         elif top.key is _UNSET:

@@ -78,6 +78,9 @@ def test_quick_run_prints_and_writes_every_table_row(tmp_path):
     [cuda] = [r for r in rows if r["benchmark"].startswith("training (CUDA)")]
     assert cuda["status"] == "ok" or (cuda["status"] == "skipped" and "cuda" in cuda["note"] and cuda["ours"] is None)
 
+    [hostile] = measured(rows, "hostile input:")  # every input refused, each timed (the corpus and generated ones)
+    assert "NOT refused" not in hostile["note"] and len(hostile["details"]["ours"]) > 60
+
 
 def test_vllm_client_benchmark_against_the_simulated_server(tmp_path):
     _, rows = run_bench(tmp_path, "--only", "vllm")

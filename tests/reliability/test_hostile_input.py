@@ -393,3 +393,13 @@ def test_the_parser_reads_flags_as_vllm_does(vllm_parser, args):
                if a.option_strings and a.dest != "help" and getattr(namespace, a.dest, a.default) != a.default}
     assert changed <= ours, (args, changed - ours)
     assert theirs <= ours, (args, theirs - ours)
+
+
+def test_long_lists_and_mappings_are_refused_at_load():
+    from selflengthen.pipeline.yamlfile import MAX_ENTRIES
+
+    for text in ("stop: [" + "a, " * MAX_ENTRIES + "b]\n", "bogus:\n" + "".join(f"  k{i}: 1\n" for i in range(
+            MAX_ENTRIES + 1))):
+        with pytest.raises(YAMLFileError, match=rf"^in\.yaml:\d+:\d+: a list or mapping of more than {MAX_ENTRIES}"):
+            parse_documents(text, "in.yaml")
+    assert len(parse_documents("[" + "1, " * (MAX_ENTRIES - 1) + "1]")[0]) == MAX_ENTRIES
