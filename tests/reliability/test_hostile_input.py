@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -350,49 +351,50 @@ def test_ordinary_vllm_arguments_pass(args):
     assert parse_config({"local": {"extraArgs": args}}).local.extra_args == args
 
 
-@pytest.fixture(scope="module")
-def vllm_parser():
+SPELLED = [["--port", "1"], ["--port=2"], ["--max_model_len", "64"], ["-tp", "2"], ["-tp=4"],
+           ["--tensor-parallel", "2"], ["--enable-lora"], ["--no-enable-lora"], ["--served", "a", "b"],
+           ["--max-num-seqs", "3"], ["--seed=-1"], ["--enforce-eager"], ["-O3"], ["-q", "fp8"],
+           ["--served-model-name=x"], ["--lora-modules", "a=/p", "b=/q"], ["--max-lora-rank=16"],
+           ["--gpu_memory_utilization", "0.5"], ["--host", "h"], ["--dtype", "half"],
+           ["--device-memory-utilization", "0.7"], ["--max-model", "32"], ["--api_key", "k"]]
+# vLLM's own parser, in a subprocess (importing vLLM into the test process would change its logging and threads):
+# the dests each command line sets (those that differ from their defaults), and whether the table is current.
+VLLM_SIDE = """
+import json, sys
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from selflengthen.pipeline import vllm_flags
+parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+out = {"tableCurrent": vllm_flags.TABLE_PATH.read_text() == vllm_flags._table_from_vllm(), "set": []}
+for args in json.loads(sys.stdin.read()):
+    ns = parser.parse_args(["some-model", *args])
+    out["set"].append(sorted(a.dest for a in parser._actions if a.option_strings and a.dest != "help"
+                             and getattr(ns, a.dest, a.default) != a.default))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.vllm
+def test_the_flag_table_is_vllms_own_and_the_reader_reads_flags_as_vllm_does():
+    """Which flags a command line sets, by our reader and by vLLM's own parser (seeded random command lines made
+    of many spellings): every flag vLLM sets, ours names too. And the checked-in table is the installed vLLM's."""
+    import random
+    import subprocess
+    import sys
+
     pytest.importorskip("vllm")
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
-
-
-@pytest.mark.vllm
-def test_the_flag_table_is_vllms_own(vllm_parser):
-    from selflengthen.pipeline import vllm_flags
-
-    assert vllm_flags.TABLE_PATH.read_text() == vllm_flags._table_from_vllm(), (
-        "run `python -m selflengthen.pipeline.vllm_flags --write`")
-
-
-SPELLED = st.sampled_from([["--port", "1"], ["--port=2"], ["--max_model_len", "64"], ["-tp", "2"], ["-tp=4"],
-                           ["--tensor-parallel", "2"], ["--enable-lora"], ["--no-enable-lora"], ["--served", "a", "b"],
-                           ["--max-num-seqs", "3"], ["--seed=-1"], ["--enforce-eager"], ["-O3"], ["-q", "fp8"],
-                           ["--served-model-name=x"], ["--lora-modules", "a=/p", "b=/q"], ["--max-lora-rank=16"],
-                           ["--gpu_memory_utilization", "0.5"], ["--host", "h"], ["--dtype", "half"]])
-
-
-@pytest.mark.vllm
-@settings(max_examples=60, deadline=None, derandomize=True)
-@given(st.lists(SPELLED, max_size=5).map(lambda parts: [a for p in parts for a in p]))
-def test_the_parser_reads_flags_as_vllm_does(vllm_parser, args):
-    """Which flags a command line sets, by our reader and by vLLM's own parser: the same."""
     from selflengthen.pipeline.vllm_flags import parse
 
-    ours = {a.dest for a in parse(args) if a.dest}
-    namespace = vllm_parser.parse_args(["serve-model", *args])
-    theirs = set()
-    for action in vllm_parser._actions:
-        if action.option_strings and action.dest != "help" and any(
-                o in args or any(a.startswith(o + "=") for a in args) for o in action.option_strings):
-            theirs.add(action.dest)
-    # vLLM's view, from the namespace: every dest that differs from its default was set
-    changed = {a.dest for a in vllm_parser._actions
-               if a.option_strings and a.dest != "help" and getattr(namespace, a.dest, a.default) != a.default}
-    assert changed <= ours, (args, changed - ours)
-    assert theirs <= ours, (args, theirs - ours)
+    rng = random.Random(13)
+    lines = [[a for part in rng.sample(SPELLED, rng.randint(1, 5)) for a in part] for _ in range(150)]
+    proc = subprocess.run([sys.executable, "-c", VLLM_SIDE], input=json.dumps(lines), capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tableCurrent"], "run `python -m selflengthen.pipeline.vllm_flags --write`"
+    for args, theirs in zip(lines, result["set"], strict=True):
+        ours = {a.dest for a in parse(args) if a.dest}
+        assert set(theirs) <= ours, (args, set(theirs) - ours)
 
 
 def test_long_lists_and_mappings_are_refused_at_load():
@@ -403,3 +405,12 @@ def test_long_lists_and_mappings_are_refused_at_load():
         with pytest.raises(YAMLFileError, match=rf"^in\.yaml:\d+:\d+: a list or mapping of more than {MAX_ENTRIES}"):
             parse_documents(text, "in.yaml")
     assert len(parse_documents("[" + "1, " * (MAX_ENTRIES - 1) + "1]")[0]) == MAX_ENTRIES
+
+
+def test_yaml_1_1_lookalikes_are_read_as_the_strings_they_are(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: dates\nmodels:\n  base: 2024-01-01\n  generator: 1:30\n  extender: 'no'\n"
+                    "sampling:\n  stop: [yes, off, 0o17x]\n")
+    config = load_config(path)
+    assert (config.models.base, config.models.generator, config.models.extender) == ("2024-01-01", "1:30", "no")
+    assert config.sampling.stop == ["yes", "off", "0o17x"]
