@@ -42,6 +42,8 @@ WORKDIR = "/work"
 # Every stage pod serves its Prometheus metrics here while it runs (`selflengthen stage --metrics-port`; one
 # server a pod: local rank 0 under torchrun).
 METRICS_PORT = 9400
+# $USER of every container (the images' user, uid 10001, has this name)
+POD_USER = "selflengthen"
 # vLLM's accepted --max-lora-rank values; the smallest one at least the trained rank is used.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -163,9 +165,10 @@ def hf_env(run: Run) -> list[dict]:
     return env
 
 
-def _resources(section, gpus: int) -> dict:
-    requests = dict(section.resources.requests)
-    limits = dict(section.resources.limits)
+def _resources(section, gpus: int = 0, resources=None) -> dict:
+    resources = resources or section.resources
+    requests = dict(resources.requests)
+    limits = dict(resources.limits)
     if gpus:
         requests[section.gpu_resource] = gpus
         limits[section.gpu_resource] = gpus
@@ -177,21 +180,28 @@ def _resources(section, gpus: int) -> dict:
     return out
 
 
-def _pod_spec(run: Run, containers: list[dict], *, restart: str, volumes: list[dict],
+def _pod_spec(run: Run, containers: list[dict], *, role, restart: str, volumes: list[dict],
               init_containers: list[dict] | None = None) -> dict:
+    """`role`: the spec section (inference, training, cpuJobs) whose nodeSelector/tolerations replace the
+    scheduling ones when set."""
     s, sec = run.cluster.scheduling, run.cluster.security
     spec: dict = {"restartPolicy": restart, "containers": containers,
                   "volumes": [*volumes, {"name": "tmp", "emptyDir": {}}],
                   "enableServiceLinks": False,
+                  # OnRootMismatch: the volumes (a model cache of many GB) are chowned to fsGroup once, not at every
+                  # pod start
                   "securityContext": {"runAsNonRoot": True, "runAsUser": sec.run_as_user,
                                       "runAsGroup": sec.run_as_user, "fsGroup": sec.run_as_user,
+                                      "fsGroupChangePolicy": "OnRootMismatch",
                                       "seccompProfile": {"type": "RuntimeDefault"}}}
     if init_containers:
         spec["initContainers"] = init_containers
-    if s.node_selector:
-        spec["nodeSelector"] = dict(s.node_selector)
-    if s.tolerations:
-        spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in s.tolerations]
+    node_selector = s.node_selector if role.node_selector is None else role.node_selector
+    tolerations = s.tolerations if role.tolerations is None else role.tolerations
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in tolerations]
     if s.priority_class_name:
         spec["priorityClassName"] = s.priority_class_name
     if s.service_account_name:
@@ -205,8 +215,10 @@ def _container(run: Run, name: str, image: str, command: list[str], *, env: list
                resources: dict | None = None, mounts: list[dict] | None = None) -> dict:
     # /tmp is the one writable place besides the mounted volumes; HOME points there for the caches that
     # vLLM, torch and triton keep under ~ (the root filesystem is read-only).
+    # USER: the uid has no passwd entry in the image unless it is the image's own (getpass.getuser(), which torch's
+    # and triton's cache paths use, fails without one or the other).
     c = {"name": name, "image": image, "imagePullPolicy": run.cluster.image_pull_policy, "command": command,
-         "env": [*(env or []), {"name": "HOME", "value": "/tmp"}],
+         "env": [*(env or []), {"name": "HOME", "value": "/tmp"}, {"name": "USER", "value": POD_USER}],
          "volumeMounts": [*(mounts or []), {"name": "tmp", "mountPath": "/tmp"}],
          "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                              "readOnlyRootFilesystem": run.cluster.security.read_only_root_filesystem},
@@ -261,9 +273,11 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
         # Full fine-tuning (one iteration only): the trained Generator, also under the Extender's name.
         args = [f"{ADAPTERS_DIR}/generator", "--served-model-name", *roles]
     else:
+        adapters = [f"{roles[0]}={ADAPTERS_DIR}/generator", f"{roles[1]}={ADAPTERS_DIR}/extender"]
+        # --max-loras: adapters in one batch (vLLM's default 1 would serialize the Generator and the Extender)
         args = [literal(served_model(run)), "--served-model-name", "base", "--enable-lora",
-                "--max-lora-rank", str(max_lora_rank(cfg.training.lora.rank)),
-                "--lora-modules", f"{roles[0]}={ADAPTERS_DIR}/generator", f"{roles[1]}={ADAPTERS_DIR}/extender"]
+                "--max-lora-rank", str(max_lora_rank(cfg.training.lora.rank)), "--max-loras", str(len(adapters)),
+                "--lora-modules", *adapters]
     if model > 0:
         pairs = [f"{literal(model_prefix(run.name, model, role))}={ADAPTERS_DIR}/{role}"
                  for role in (("generator",) if full else ("generator", "extender"))]
@@ -271,7 +285,8 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
         if cfg.storage.endpoint_url:
             fetch_cmd += ["--endpoint-url", literal(cfg.storage.endpoint_url)]
         init.append(_container(run, "fetch-models", run.cluster.image, [*fetch_cmd, *pairs],
-                               env=storage_env(run), mounts=[{"name": "adapters", "mountPath": ADAPTERS_DIR}]))
+                               env=storage_env(run), mounts=[{"name": "adapters", "mountPath": ADAPTERS_DIR}],
+                               resources=_resources(inf, resources=inf.fetch_resources)))
         volumes.append({"name": "adapters", "emptyDir": {}})
         mounts.append({"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True})
     args += ["--host", "0.0.0.0", "--port", str(inf.port), "--tensor-parallel-size", str(inf.tensor_parallel_size),
@@ -292,7 +307,7 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
     meta = _meta(run, name, "inference", model=model, attempt=attempt)
     if run.cluster.scheduling.queue_name:
         meta["labels"][KUEUE_LABEL] = run.cluster.scheduling.queue_name
-    pod = _pod_spec(run, [container], restart="Always", volumes=volumes, init_containers=init)
+    pod = _pod_spec(run, [container], role=inf, restart="Always", volumes=volumes, init_containers=init)
     pod["terminationGracePeriodSeconds"] = 30
     return {
         "apiVersion": "apps/v1",
@@ -342,8 +357,17 @@ def _job(run: Run, name: str, component: str, iteration: int, stage: str, attemp
     if run.cluster.scheduling.queue_name:
         meta["labels"][KUEUE_LABEL] = run.cluster.scheduling.queue_name
     spec: dict = {
-        # The operator retries a failed stage itself (a new attempt, recorded in the run's status).
+        # The operator retries a failed stage itself (a new attempt, recorded in the run's status): a container
+        # that fails fails the Job at once.
         "backoffLimit": 0,
+        # ...but a pod killed from outside (preemption, eviction, a drain, its node lost: the pod gets the
+        # DisruptionTarget condition) is not the stage's fault: the Job replaces it without counting a failure,
+        # and the new pod resumes from the store (finished shards, the last training checkpoint).
+        "podFailurePolicy": {"rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+        # a replacement only once the old pod has stopped (it holds GPUs until then)
+        "podReplacementPolicy": "Failed",
         "completions": completions,
         "parallelism": completions,
         "suspend": suspend,
@@ -372,11 +396,12 @@ def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_ur
         env += [{"name": e.name, "valueFrom": {"secretKeyRef": {"name": e.secret_key_ref.name,
                                                                  "key": e.secret_key_ref.key}}}
                 for e in run.cluster.secret_env]
+    jobs = run.cluster.cpu_jobs
     container = _container(run, "stage", run.cluster.image,
                            ["selflengthen", *_stage_command(run, stage, iteration, endpoint_url)],
-                           env=env, mounts=mounts)
+                           env=env, mounts=mounts, resources=_resources(jobs))
     container["ports"] = [_metrics_port()]
-    pod = _pod_spec(run, [container], restart="Never",
+    pod = _pod_spec(run, [container], role=jobs, restart="Never",
                     volumes=[_config_volume(run), {"name": "work", "emptyDir": {}}, _cache_volume(run)])
     component = "evaluation" if stage == EVAL_STAGE else "data"
     return _job(run, name, component, iteration, stage, attempt, pod, suspend=suspend)
@@ -413,7 +438,7 @@ def training_job(run: Run, iteration: int, stage: str, attempt: int, *, suspend:
     container["ports"] = [_metrics_port()]
     if t.nodes > 1:
         container["ports"].append({"name": "rendezvous", "containerPort": t.rendezvous_port, "protocol": "TCP"})
-    pod = _pod_spec(run, [container], restart="Never",
+    pod = _pod_spec(run, [container], role=t, restart="Never",
                     volumes=[_config_volume(run), _shm(t.shm_size), {"name": "work", "emptyDir": {}},
                              _cache_volume(run)])
     if t.nodes > 1:

@@ -41,11 +41,13 @@ RESERVED_VLLM_SETTINGS = {
     "--served-model-name": "models.generator and models.extender",
     "--tensor-parallel-size": "inference.tensorParallelSize", "--enable-lora": "training.mode",
     "--lora-modules": "training.mode", "--max-lora-rank": "training.lora.rank",
+    "--max-loras": "nothing (the number of adapters served)",
     "--max-model-len": "inference.maxModelLen", "--gpu-memory-utilization": "inference.gpuMemoryUtilization",
 }
 RESERVED_VLLM_FLAGS = tuple(RESERVED_VLLM_SETTINGS)
-# Longest run name: `<run>-i01-train-generator-a1-0` must stay a DNS label (63) for Indexed Job pod hostnames.
-MAX_RUN_NAME = 36
+# Longest run name: the hostname of an Indexed Job's pod, `<run>-i<KK>-<stage>-a<N>-<index>`, must stay a DNS label
+# (63) for every allowed value: 100 iterations, the longest stage (train-generator), attempt 9, node index 127.
+MAX_RUN_NAME = 63 - len("-i100-train-generator-a9-127")
 
 Quantity = Annotated[int | Annotated[str, Field(pattern=QUANTITY, max_length=64)], Field()]
 
@@ -74,6 +76,36 @@ class SecretEnv(Model):
     secret_key_ref: SecretKeyRef
 
 
+class Toleration(Model):
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+
+NodeSelector = dict[str, Annotated[str, Field(max_length=63)]]
+
+
+def _role_node_selector(role: str):
+    return Field(None, description=f"nodeSelector of the {role} pods, replacing scheduling.nodeSelector for them "
+                 "({} : none); unset: scheduling.nodeSelector")
+
+
+def _role_tolerations(role: str):
+    return Field(None, max_length=32, description=f"Tolerations of the {role} pods, replacing "
+                 "scheduling.tolerations for them ([] : none); unset: scheduling.tolerations")
+
+
+def _resources(requests: dict, limits: dict, what: str):
+    def words(d: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items())
+
+    return Field(default_factory=lambda: Resources(requests=dict(requests), limits=dict(limits)),
+                 description=f"Resources of {what}; default: requests {words(requests)}, limits {words(limits)} (a "
+                 "namespace whose ResourceQuota asks for requests admits them; setting this replaces both)")
+
+
 class Inference(Model):
     """The vLLM server of each macro-iteration (a Deployment and its Service)."""
 
@@ -95,7 +127,14 @@ class Inference(Model):
         1800, ge=1, le=86_400, description="Fail Serving when the server is not healthy this long after it starts")
     hf_token_secret: SecretKeyRef | None = Field(None, description="Hugging Face token (gated models), as HF_TOKEN")
     model_cache_claim: str | None = Field(
-        None, pattern=DNS_SUBDOMAIN, max_length=253, description="PVC mounted as the Hugging Face cache (else emptyDir)")
+        None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="PVC mounted as the Hugging Face cache of every pod (else an emptyDir each). Pods on several "
+        "nodes share it (replicas, training nodes, CPU Jobs), so it must be ReadWriteMany; a ReadWriteOnce claim "
+        "attaches to one node only and the pods elsewhere stay Pending")
+    fetch_resources: Resources = _resources({"cpu": "500m", "memory": "1Gi"}, {"memory": "4Gi"},
+                                            "the init container that fetches trained models from the store")
+    node_selector: NodeSelector | None = _role_node_selector("vLLM")
+    tolerations: list[Toleration] | None = _role_tolerations("vLLM")
 
 
 class TrainingJobs(Model):
@@ -111,6 +150,16 @@ class TrainingJobs(Model):
     resources: Resources = Field(default_factory=Resources)
     shm_size: Quantity = Field("32Gi")
     rendezvous_port: int = Field(29500, ge=1024, le=65535)
+    node_selector: NodeSelector | None = _role_node_selector("training")
+    tolerations: list[Toleration] | None = _role_tolerations("training")
+
+
+class CpuJobs(Model):
+    """The CPU stage Jobs (self-instruct, respond, extend, build-sft, evaluate, collect): HTTP to vLLM and S3."""
+
+    resources: Resources = _resources({"cpu": "1", "memory": "2Gi"}, {"memory": "8Gi"}, "each CPU stage Job's pod")
+    node_selector: NodeSelector | None = _role_node_selector("CPU stage Job")
+    tolerations: list[Toleration] | None = _role_tolerations("CPU stage Job")
 
 
 class StorageAccess(Model):
@@ -125,17 +174,12 @@ class StorageAccess(Model):
     region: str | None = Field(None, min_length=1, max_length=64, description="AWS_REGION for the pods")
 
 
-class Toleration(Model):
-    key: str | None = Field(None, max_length=316)
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(None, max_length=63)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(None, ge=0)
-
-
 class Scheduling(Model):
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    node_selector: NodeSelector = Field(
+        default_factory=dict, description="nodeSelector of every pod (inference, training and cpuJobs may replace it)")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32,
+        description="Tolerations of every pod (inference, training and cpuJobs may replace them)")
     priority_class_name: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253)
     queue_name: str | None = Field(
         None, pattern=DNS_SUBDOMAIN, max_length=253,
@@ -201,6 +245,7 @@ class ClusterSpec(Model):
     suspend: bool = Field(False, description="Stop starting work and suspend running Jobs; false resumes")
     inference: Inference = Field(default_factory=Inference)
     training: TrainingJobs = Field(default_factory=TrainingJobs)
+    cpu_jobs: CpuJobs = Field(default_factory=CpuJobs)
     storage: StorageAccess = Field(default_factory=StorageAccess)
     scheduling: Scheduling = Field(default_factory=Scheduling)
     retry: Retry = Field(default_factory=Retry)
@@ -321,11 +366,14 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
                       "cannot be named)")
     if cluster.retry.max_backoff_seconds < cluster.retry.backoff_seconds:
         errors.append("retry.maxBackoffSeconds: must not be below backoffSeconds")
-    for i, t in enumerate(cluster.scheduling.tolerations):
-        if t.operator == "Exists" and t.value is not None:
-            errors.append(f"scheduling.tolerations.{i}: a toleration with operator Exists must not have a value")
-        if t.key is None and t.operator != "Exists":
-            errors.append(f"scheduling.tolerations.{i}: a toleration without a key must use operator Exists")
+    for where, tolerations in (("scheduling", cluster.scheduling.tolerations),
+                               ("inference", cluster.inference.tolerations), ("training", cluster.training.tolerations),
+                               ("cpuJobs", cluster.cpu_jobs.tolerations)):
+        for i, t in enumerate(tolerations or []):
+            if t.operator == "Exists" and t.value is not None:
+                errors.append(f"{where}.tolerations.{i}: a toleration with operator Exists must not have a value")
+            if t.key is None and t.operator != "Exists":
+                errors.append(f"{where}.tolerations.{i}: a toleration without a key must use operator Exists")
     judge = config.evaluate.judge
     secret_names = [e.name for e in cluster.secret_env]
     if judge.enabled and judge.api_key_env and judge.api_key_env not in secret_names:

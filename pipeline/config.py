@@ -251,7 +251,8 @@ class BuildSft(Model):
 class Lora(Model):
     affects = TRAINING
 
-    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r (vLLM's --max-lora-rank must be at least this)")
+    rank: int = Field(8, ge=1, le=512, description="LoRA rank r (at most 512: vLLM serves adapters up to that "
+                      "--max-lora-rank)")
     alpha: float = Field(16, gt=0, description="LoRA alpha (scaling = alpha / rank)")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Annotated[str, Field(min_length=1)] | Annotated[

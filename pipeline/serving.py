@@ -80,7 +80,9 @@ def vllm_command(
         # offset"); every request here is seeded for reproducibility, so prompts are prefilled whole.
         cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)]
     if lora_modules:
-        cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--lora-modules"]
+        # --max-loras: every adapter in one batch (vLLM's default 1 would serialize the Generator and the Extender)
+        cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(len(lora_modules)),
+                "--lora-modules"]
         cmd += [f"{name}={path}" for name, path in lora_modules.items()]
     return cmd + list(extra_args)
 

@@ -13,7 +13,7 @@ import yaml
 
 from selflengthen.operator import crd as crd_mod
 from selflengthen.operator.deploy import manifests
-from selflengthen.operator.spec import EXCLUDED_CONFIG_FIELDS, parse_spec, split_spec
+from selflengthen.operator.spec import EXCLUDED_CONFIG_FIELDS, MAX_RUN_NAME, parse_spec, split_spec
 from selflengthen.operator.validation import admit, root_schema, validate
 from selflengthen.pipeline.config import ConfigError, RunConfig
 
@@ -347,7 +347,8 @@ CEL_CASES = [
         ("not-url", "minio.example.com:9000", f"{field} must be an http:// or https:// URL"),
         ("line-break", "https://minio.example.com/a\r\nX-Injected: 1", f"{field} must be an http:// or https:// URL"))
 ] + [
-    ("name-long", S(), None, "a" * 37, "<root>: Invalid value: metadata.name must be at most 36 characters"),
+    ("name-long", S(), None, "a" * (MAX_RUN_NAME + 1),
+     f"<root>: Invalid value: metadata.name must be at most {MAX_RUN_NAME} characters"),
     ("name-digit", S(), None, "7b-run", "<root>: Invalid value: metadata.name must be a DNS-1035 label"),
     ("iterations-shrink", {**S(), "iterations": 2}, {**S(), "iterations": 3}, "demo",
      "spec.iterations: Invalid value: may only grow once the run has started"),

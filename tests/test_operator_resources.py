@@ -16,6 +16,9 @@ from selflengthen.operator.spec import ALL_STAGES, DATA_STAGES, MAX_RUN_NAME, TR
 from selflengthen.pipeline.config import parse_config
 from selflengthen.pipeline.stages import STAGES
 
+from job_controller import action, job_failed
+from job_controller import validate as validate_job
+
 K8S = "1.37.0"
 
 VARIANTS = {
@@ -217,6 +220,9 @@ def test_every_pod_runs_non_root_with_a_read_only_root_filesystem(variant):
             # the one writable place besides the data volumes, where $HOME (caches) points
             assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
             assert {"name": "HOME", "value": "/tmp"} in c["env"]
+            assert {"name": "USER", "value": "selflengthen"} in c["env"]  # the uid has no passwd entry
+        # the volumes (a model cache of many GB) are chowned to fsGroup once, not at every pod start
+        assert ctx["fsGroupChangePolicy"] == "OnRootMismatch"
 
 
 def test_the_read_only_root_filesystem_can_be_turned_off_for_an_image_that_needs_it():
@@ -275,3 +281,147 @@ def test_a_digest_pinned_image_needs_an_explicit_training_image():
 
     with pytest.raises(ConfigError, match="training.image: required"):
         make_run(spec(image="ghcr.io/you/selflengthen@sha256:" + "a" * 64))
+
+
+# -- disruptions, resources, placement, vLLM limits ------------------------------------------------------------------
+
+
+def _failed_pod(*, exit_code: int = 1, disruption: str | None = None) -> dict:
+    """A failed pod as the kubelet and the controllers leave it: its container's exit code, and the DisruptionTarget
+    condition when something outside killed it (the scheduler preempting it, an eviction or drain, the taint manager
+    or the pod GC after its node was lost)."""
+    conditions = [{"type": "Ready", "status": "False"}]
+    if disruption:
+        conditions.append({"type": "DisruptionTarget", "status": "True", "reason": disruption})
+    return {"status": {"phase": "Failed", "conditions": conditions, "containerStatuses": [
+        {"name": "stage", "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}]}}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_job_pod_failure_policies_are_valid(variant):
+    for obj in children(make_run(VARIANTS[variant])):
+        if obj["kind"] == "Job":
+            validate_job(obj)
+
+
+@pytest.mark.parametrize("disruption", ["PreemptionByScheduler", "EvictionByEvictionAPI", "DeletionByTaintManager",
+                                        "DeletionByPodGC", "TerminationByKubelet"])
+def test_disruptions_do_not_use_up_an_attempt_but_container_failures_do(disruption):
+    run = make_run(spec(training={"nodes": 2}))
+    for job in (r.stage_job(run, 1, "respond", 1, endpoint_url=r.endpoint(run, 0)),
+                r.training_job(run, 1, "train-generator", 1)):
+        # preempted, evicted, drained, its node lost (SIGKILL: 137): the Job replaces the pod, no failure counted
+        disrupted = _failed_pod(exit_code=137, disruption=disruption)
+        assert action(job, disrupted) == "Ignore"
+        assert not job_failed(job, [disrupted, disrupted])
+        # the stage's own failure counts: backoffLimit 0, the Job fails and the operator makes the next attempt
+        assert action(job, _failed_pod(exit_code=1)) == "Count"
+        assert job_failed(job, [disrupted, _failed_pod(exit_code=1)])
+        # a replacement pod starts only once the old one is gone (GPUs), and runs the same command, which resumes
+        # from the store (tests/test_training.py::test_interrupted_training_resumes_from_the_stored_checkpoint)
+        assert job["spec"]["podReplacementPolicy"] == "Failed"
+
+
+def test_the_job_controller_stand_in_refuses_what_the_api_server_refuses():
+    run = make_run()
+    job = r.stage_job(run, 1, "build-sft", 1)
+    for bad in ({"rules": [{"action": "Ignore"}]},
+                {"rules": [{"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [1]}}]},
+                {"rules": [{"action": "Count", "onExitCodes": {"operator": "In", "values": [0, 1]}}]},
+                {"rules": [{"action": "Count", "onExitCodes": {"operator": "NotIn", "values": [3, 1]}}]},
+                {"rules": [{"action": "Count", "onExitCodes": {"operator": "In", "values": [1],
+                                                               "containerName": "nope"}}]}):
+        with pytest.raises(ValueError):
+            validate_job({**job, "spec": {**job["spec"], "podFailurePolicy": bad}})
+    with pytest.raises(ValueError, match="podReplacementPolicy"):
+        validate_job({**job, "spec": {**job["spec"], "podReplacementPolicy": "TerminatingOrFailed"}})
+    with pytest.raises(ValueError, match="restartPolicy"):
+        validate_job({**job, "spec": {**job["spec"], "template": {"spec": {
+            **job["spec"]["template"]["spec"], "restartPolicy": "OnFailure"}}}})
+
+
+def test_cpu_jobs_and_the_fetch_container_request_resources():
+    """BestEffort pods are the first evicted, and a namespace whose ResourceQuota requires requests refuses them."""
+    run = make_run()
+    for stage in ("self-instruct", "build-sft", "evaluate"):
+        c = r.stage_job(run, 1, stage, 1, endpoint_url=r.endpoint(run, 0))["spec"]["template"]["spec"]["containers"][0]
+        assert c["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
+    (init,) = r.serving_deployment(run, 1, 1)["spec"]["template"]["spec"]["initContainers"]
+    assert init["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+    mine = make_run(spec(cpuJobs={"resources": {"requests": {"cpu": "250m", "memory": "512Mi"}}},
+                         inference={"fetchResources": {"requests": {"cpu": "2"}, "limits": {"memory": "16Gi"}}}))
+    c = r.stage_job(mine, 1, "build-sft", 1)["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"] == {"requests": {"cpu": "250m", "memory": "512Mi"}}
+    (init,) = r.serving_deployment(mine, 1, 1)["spec"]["template"]["spec"]["initContainers"]
+    assert init["resources"] == {"requests": {"cpu": "2"}, "limits": {"memory": "16Gi"}}
+
+
+def test_node_selector_and_tolerations_per_role():
+    gpu = {"nvidia.com/gpu.product": "H100"}
+    taint = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    run = make_run(spec(scheduling={"nodeSelector": gpu, "tolerations": taint},
+                        cpuJobs={"nodeSelector": {"pool": "cpu"}, "tolerations": []},
+                        training={"nodeSelector": {"pool": "train"}}))
+
+    def pod(obj):
+        return obj["spec"]["template"]["spec"]
+
+    cpu = pod(r.stage_job(run, 1, "respond", 1, endpoint_url=r.endpoint(run, 0)))
+    assert cpu["nodeSelector"] == {"pool": "cpu"} and "tolerations" not in cpu  # not pinned to the GPU nodes
+    train = pod(r.training_job(run, 1, "train-generator", 1))
+    assert train["nodeSelector"] == {"pool": "train"} and train["tolerations"] == taint  # unset: scheduling's
+    serve = pod(r.serving_deployment(run, 0, 1))
+    assert serve["nodeSelector"] == gpu and serve["tolerations"] == taint
+    # none set: every role takes scheduling's (as before)
+    plain = make_run(spec(scheduling={"nodeSelector": gpu}))
+    assert pod(r.stage_job(plain, 1, "build-sft", 1))["nodeSelector"] == gpu
+    from selflengthen.pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cpuJobs.tolerations.0"):
+        make_run(spec(cpuJobs={"tolerations": [{"operator": "Exists", "value": "x"}]}))
+
+
+def test_vllm_batches_both_adapters_and_serves_the_largest_rank():
+    run = make_run()
+    args = r.serving_deployment(run, 1, 1)["spec"]["template"]["spec"]["containers"][0]["command"]
+    i = args.index("--lora-modules")
+    served = [a for a in args[i + 1:] if "=" in a and not a.startswith("--")]
+    assert args[args.index("--max-loras") + 1] == str(len(served)) == "2"  # vLLM's default 1: one per batch
+    from selflengthen.pipeline.serving import vllm_command
+
+    local = vllm_command("m", port=1, served_names=["base"], lora_modules={"generator": "g", "extender": "e"})
+    assert local[local.index("--max-loras") + 1] == "2"  # the local runner's server too
+    top = make_run(spec(training={"lora": {"rank": 512, "alpha": 512}}))
+    args = r.serving_deployment(top, 1, 1)["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert args[args.index("--max-lora-rank") + 1] == "512" == str(max(r.VLLM_LORA_RANKS))
+    from selflengthen.pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="training.lora.rank"):
+        make_run(spec(training={"lora": {"rank": 513}}))
+    with pytest.raises(ConfigError, match="inference.extraArgs"):
+        make_run(spec(inference={"extraArgs": ["--max-loras=4"]}))
+
+
+def _le(model, field: str) -> int:
+    return next(m.le for m in model.model_fields[field].metadata if hasattr(m, "le"))
+
+
+def test_pod_hostnames_fit_a_dns_label_for_every_allowed_value():
+    """The longest run name, the last iteration, the longest stage, the last attempt and the last node index."""
+    from selflengthen.operator.spec import Retry, TrainingJobs
+    from selflengthen.pipeline.config import RunConfig
+
+    iterations, attempts, nodes = _le(RunConfig, "iterations"), _le(Retry, "max_attempts"), _le(TrainingJobs, "nodes")
+    run = make_run(spec(iterations=iterations, training={"nodes": nodes}), name="r" * MAX_RUN_NAME)
+    for stage in ALL_STAGES:
+        name = r.job_name(run.name, iterations, stage, attempts)
+        assert len(f"{name}-{nodes - 1}") <= 63, name
+    job = r.training_job(run, iterations, "train-generator", attempts)
+    assert len(f"{job['metadata']['name']}-{job['spec']['completions'] - 1}") == 63  # the bound is tight
+
+
+def test_the_cache_claims_access_mode_is_documented_where_the_operator_cannot_see_it():
+    from selflengthen.operator.crd import crd
+
+    props = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert "ReadWriteMany" in props["inference"]["properties"]["modelCacheClaim"]["description"]
