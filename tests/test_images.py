@@ -315,6 +315,10 @@ OUR_IMAGES = {"selflengthen": "operator", "selflengthen-inference": "inference",
 VLLM_IMAGES = re.compile(r"^(docker\.io/)?vllm/vllm-openai:|/vllm-cpu-release-repo:")
 # Imported only to draw the report's plot, which is skipped when it is absent (pipeline/report.py).
 OPTIONAL_MODULES = {"matplotlib"}
+# Imports inside functions that no container runs: (our module, third-party module) -> why.
+NEVER_RUN_IN_PODS = {
+    ("selflengthen.pipeline.vllm_flags", "vllm"): "_table_from_vllm: `python -m ...vllm_flags --write`, a dev tool",
+}
 PACKAGE_DIRS = {pkg: ROOT / d for pkg, d in PYPROJECT["tool"]["setuptools"]["package-dir"].items()}
 
 
@@ -382,7 +386,8 @@ def third_party_modules(*start: str) -> set[str]:
             continue
         parts = module.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a module imports its packages
-        todo += [m for m in _imports(module) if m != "selflengthen.cli"]
+        todo += [m for m in _imports(module)
+                 if m != "selflengthen.cli" and (module, m.split(".")[0]) not in NEVER_RUN_IN_PODS]
     return third - set(sys.stdlib_module_names) - OPTIONAL_MODULES - {"selflengthen"}
 
 
