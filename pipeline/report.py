@@ -5,6 +5,7 @@ later reader, makes the same one):
                                 loss, LonGen scores (and judge quality), collect; lengths of iterations 1..K
     <run>/report/iter-KK.md     the same as Markdown (what `selflengthen run` prints)
     <run>/report/lengths.png    response length per iteration, 1..K (matplotlib, when installed)
+    <run>/report/loss.png       training loss of both roles, mean per epoch, iterations 1..K
 
 The local runner writes it after each iteration; `selflengthen stage` after every stage it runs, so on a cluster
 the last Job of an iteration leaves the complete report. matplotlib is imported only to draw the plot: the
@@ -26,6 +27,7 @@ log = logging.getLogger("selflengthen.report")
 
 ITERATION_STAGES = tuple(s for s in STAGES if s not in RUN_STAGES)
 PLOT = "lengths.png"
+LOSS_PLOT = "loss.png"  # the training loss, mean per epoch, of both roles over the iterations
 # The plotted series: (key in a history row, legend label, line style: a colour per kind of response, solid for
 # averages, dotted for maxima).
 SERIES = (
@@ -94,6 +96,12 @@ def lengths_of(manifests: dict[str, dict]) -> dict:
     }
 
 
+def epoch_losses_of(manifests: dict[str, dict]) -> dict:
+    """Each trained role's mean loss per epoch (the training manifest's epochLosses)."""
+    return {f"{role}EpochLosses": (manifests.get(f"train-{role}") or {}).get("epochLosses")
+            for role in ("generator", "extender")}
+
+
 def build_report(store: Store, config: RunConfig, iteration: int, *, history_to: int | None = None) -> dict:
     """The report of one iteration (a JSON document); history covers iterations 1..history_to (default: this
     one), stopping at the first iteration that has not started."""
@@ -103,7 +111,7 @@ def build_report(store: Store, config: RunConfig, iteration: int, *, history_to:
         found = manifests if k == iteration else iteration_manifests(store, config, k)
         if not found:
             break
-        history.append({"iteration": k, **lengths_of(found)})
+        history.append({"iteration": k, **lengths_of(found), **epoch_losses_of(found)})
     training = {}
     for stage in ("train-generator", "train-extender"):
         m = manifests.get(stage)
@@ -111,6 +119,7 @@ def build_report(store: Store, config: RunConfig, iteration: int, *, history_to:
             training[stage.removeprefix("train-")] = {
                 "mode": m.get("mode"), "steps": m.get("steps"), "examples": (m.get("counts") or {}).get("accepted"),
                 "firstLoss": m.get("firstLoss"), "finalLoss": m.get("finalLoss"), "trainSeconds": m.get("trainSeconds"),
+                "epochLosses": m.get("epochLosses"),
             }
     evaluate = manifests.get("evaluate")
     longen = None
@@ -184,11 +193,14 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"Extension grew the responses it kept {ln['growth']:.2f}x "
                       f"({_fmt(ln['extendedFromAverage'])} -> {_fmt(ln['extendedAverage'])} words on average)."]
     if report["training"]:
-        lines += ["", "## Training", "", "| model | mode | steps | examples | loss first -> final | seconds |",
-                  "|---|---|---:|---:|---|---:|"]
+        lines += ["", "## Training", "",
+                  "| model | mode | steps | examples | epochs | mean loss, first epoch -> last epoch | seconds |",
+                  "|---|---|---:|---:|---:|---|---:|"]
         for role, t in report["training"].items():
+            epochs = t.get("epochLosses") or []
+            loss = f"{_fmt(epochs[0], 3)} -> {_fmt(epochs[-1], 3)}" if epochs else "-"
             lines.append(f"| {role} | {_fmt(t['mode'])} | {_fmt(t['steps'])} | {_fmt(t['examples'])} "
-                         f"| {_fmt(t['firstLoss'], 3)} -> {_fmt(t['finalLoss'], 3)} | {_fmt(t['trainSeconds'])} |")
+                         f"| {len(epochs) or '-'} | {loss} | {_fmt(t['trainSeconds'])} |")
     lg = report["longen"]
     if lg:
         by_type = ", ".join(f"{t} {_fmt(v, 3)}" for t, v in lg["byType"].items()) or "-"
@@ -215,6 +227,8 @@ def render_markdown(report: dict) -> str:
                      f"| {_fmt(h['longenScore'], 3)} |")
     if report.get("plot"):
         lines += ["", f"![Response length per iteration]({PLOT})"]
+    if report.get("lossPlot"):
+        lines += ["", f"![Training loss per epoch]({LOSS_PLOT})"]
     return "\n".join(lines) + "\n"
 
 
@@ -251,10 +265,45 @@ def length_figure(history: list[dict]):
     return fig
 
 
-def plot_png(history: list[dict]) -> bytes | None:
-    """The PNG of length_figure; None when matplotlib is not installed (the operator image)."""
+def loss_series(history: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """The training curve drawn: per role, (position, mean loss) for each epoch of each iteration, the epochs of
+    iteration k spread over (k-1, k] so that the iterations follow one another."""
+    series = {}
+    for role in ("generator", "extender"):
+        points = []
+        for h in history:
+            epochs = h.get(f"{role}EpochLosses") or []
+            points += [(h["iteration"] - 1 + (e + 1) / len(epochs), float(v)) for e, v in enumerate(epochs)]
+        series[role] = points
+    return series
+
+
+def loss_figure(history: list[dict]):
+    """A matplotlib Figure of the mean training loss per epoch of both roles over the iterations."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for (role, points), style in zip(loss_series(history).items(), ("C0-", "C1-"), strict=True):
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=role, gid=role)
+    ax.set_xticks([h["iteration"] for h in history] or [1])
+    ax.set_xlabel("macro-iteration (each point: one epoch's mean)")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss per epoch")
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_png(history: list[dict], figure=None) -> bytes | None:
+    """The PNG of length_figure (or `figure`); None when matplotlib is not installed (the operator image)."""
     try:
-        fig = length_figure(history)
+        fig = (figure or length_figure)(history)
     except ImportError:
         log.info("matplotlib is not installed: the report has no plot (pip install 'selflengthen[train]')")
         return None
@@ -285,15 +334,20 @@ def write_report(store: Store, config: RunConfig, iteration: int) -> dict:
         history = build_report(store, config, last)["history"]
     png = plot_png(history)
     report["plot"] = report_key(config.name, PLOT) if png is not None else None
+    has_loss = any(loss_series(history).values())
+    loss_png = plot_png(history, loss_figure) if png is not None and has_loss else None
+    report["lossPlot"] = report_key(config.name, LOSS_PLOT) if loss_png is not None else None
     name = f"iter-{iteration:02d}"
     markdown = render_markdown(report)
     write_json(store, report_key(config.name, f"{name}.json"), report)
     store.write(report_key(config.name, f"{name}.md"), markdown.encode())
     if png is not None:
         store.write(report_key(config.name, PLOT), png)
+    if loss_png is not None:
+        store.write(report_key(config.name, LOSS_PLOT), loss_png)
     return {**report, "markdown": markdown,
             "keys": [report_key(config.name, f"{name}.{ext}") for ext in ("json", "md")]
-            + ([report["plot"]] if png is not None else [])}
+            + ([report["plot"]] if png is not None else []) + ([report["lossPlot"]] if loss_png is not None else [])}
 
 
 def refresh_report(store: Store, config: RunConfig, iteration: int) -> dict | None:

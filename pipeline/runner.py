@@ -14,17 +14,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .config import RunConfig
 from .identity import claim
 from .metrics import Metrics
 from .metrics import metrics as default_metrics
+from .progress import Progress
 from .report import read_markdown, refresh_report
 from .serving import VLLMServer
 from .stages import DATA_STAGES, StageContext, StageError, iteration_stages, run_stage
 from .store import Store, open_store
-from .tinymodel import resolve_model
+from .tinymodel import TINY_URI, ensure_tiny_model, resolve_model, tiny_model_cached
 
 log = logging.getLogger("selflengthen.runner")
 
@@ -81,28 +80,6 @@ def server_spec(config: RunConfig, store: Store, stage: str, iteration: int, wor
     return ServerSpec(str(trained.path.resolve()), (getattr(models, roles[0]),))
 
 
-class Progress:
-    """One progress bar per stage, on stderr; silent when stderr is not a terminal unless forced."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bars: dict[str, tqdm] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:>13}", unit="item", file=sys.stderr)
-        bar.n = done
-        bar.refresh()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-        self.bars.clear()
-
-
 class Endpoints:
     """The inference server of the stage at hand: the configured endpoint, or a local vLLM server started for
     the models the stage needs (restarted only when they change; stopped for training and on exit)."""
@@ -111,6 +88,7 @@ class Endpoints:
         self.config, self.store, self.workdir = config, store, workdir
         self.spec: ServerSpec | None = None
         self.server: VLLMServer | None = None
+        self.progress = Progress(False)
 
     def for_stage(self, stage: str, iteration: int) -> str:
         if self.config.models.endpoint:
@@ -125,9 +103,10 @@ class Endpoints:
                 startup_timeout=local.startup_timeout_seconds, extra_args=local.extra_args, workdir=self.workdir,
                 max_lora_rank=self.config.training.lora.rank,
             )
-            log.info("starting vLLM server for %s%s (log: %s)", spec.model,
-                     f" with adapters {', '.join(n for n, _ in spec.lora)}" if spec.lora else "", server.log_path)
-            self.server = server.start()
+            adapters = f" with adapters {', '.join(n for n, _ in spec.lora)}" if spec.lora else ""
+            log.info("starting vLLM server for %s%s (log: %s)", spec.model, adapters, server.log_path)
+            with self.progress.step(f"starting vLLM{adapters} (about a minute on 2 cores; longer the first time)"):
+                self.server = server.start()
             self.spec = spec
         return self.server.endpoint
 
@@ -154,46 +133,54 @@ def run_local(
     store = open_store(config.storage.uri, config.storage.endpoint_url)
     workdir = workdir or Path(os.environ.get("SELFLENGTHEN_WORKDIR", ".selflengthen"))
     claim(store, config, restart_from, workdir)
-    bars = Progress(sys.stderr.isatty() if progress is None else progress)
+    bars = Progress(sys.stderr.isatty() if progress is None else progress, config.iterations)
     metrics = metrics or default_metrics()
     status = RunStatus(metrics, config)
     results: dict[int, dict[str, dict]] = {}
     endpoints = endpoints or Endpoints(config, store, workdir)
+    endpoints.progress = bars
     ran = 0
-    try:
-        for iteration in range(1, config.iterations + 1):
-            ctx = StageContext(config=config, iteration=iteration, store=store, progress=bars, metrics=metrics)
-            stages = iteration_stages(config, iteration)
-            results[iteration] = {s: ctx.artifacts(s).manifest() for s in stages if ctx.artifacts(s).done()}
-            status.iteration(iteration, results[iteration])
-            if len(results[iteration]) == len(stages):
-                if iteration == config.iterations:  # a finished run run again: its report, up to date
-                    report_iteration(store, config, iteration)
-                continue
-            for stage in stages:
-                if stage in results[iteration]:
-                    continue
-                if stage in STAGE_ROLES:
-                    status.phase("Serving", iteration, stage)
-                    ctx.endpoint = endpoints.for_stage(stage, iteration)
-                    ctx.endpoint_gone = endpoints.gone
-                else:
-                    endpoints.stop()  # training needs the memory (the GPUs, on a cluster)
-                status.phase(phase_of(stage), iteration, stage)
-                ran += 1
-                results[iteration][stage] = status.attempt(stage, functools.partial(run_stage, stage, ctx))
+    with bars.session():
+        try:
+            if config.models.base == TINY_URI and not tiny_model_cached():
+                log.info("building the tiny model (once: a few minutes on 2 cores; cached for later runs)")
+                with bars.step("building the tiny model (first run only: a few minutes on 2 cores)"):
+                    ensure_tiny_model()
+            for iteration in range(1, config.iterations + 1):
+                ctx = StageContext(config=config, iteration=iteration, store=store, progress=bars, metrics=metrics)
+                stages = iteration_stages(config, iteration)
+                results[iteration] = {s: ctx.artifacts(s).manifest() for s in stages if ctx.artifacts(s).done()}
                 status.iteration(iteration, results[iteration])
-            report_iteration(store, config, iteration)
-        if not ran:
-            log.info("run %s is already complete (%d iterations, every stage done): nothing to do", config.name,
-                     config.iterations)
-        status.phase("Succeeded", config.iterations, None)
-    except BaseException:
-        status.phase("Failed", status.current, None)
-        raise
-    finally:
-        endpoints.stop()
-        bars.close()
+                if len(results[iteration]) == len(stages):
+                    if iteration == config.iterations:  # a finished run run again: its report, up to date
+                        report_iteration(store, config, iteration)
+                    continue
+                for stage in stages:
+                    if stage in results[iteration]:
+                        continue
+                    if stage in STAGE_ROLES:
+                        status.phase("Serving", iteration, stage)
+                        ctx.endpoint = endpoints.for_stage(stage, iteration)
+                        ctx.endpoint_gone = endpoints.gone
+                    else:
+                        endpoints.stop()  # training needs the memory (the GPUs, on a cluster)
+                    status.phase(phase_of(stage), iteration, stage)
+                    ran += 1
+                    bars.begin(iteration, stage)
+                    results[iteration][stage] = status.attempt(stage, functools.partial(run_stage, stage, ctx))
+                    bars.end()
+                    status.iteration(iteration, results[iteration])
+                report_iteration(store, config, iteration)
+            if not ran:
+                log.info("run %s is already complete (%d iterations, every stage done): nothing to do", config.name,
+                         config.iterations)
+            status.phase("Succeeded", config.iterations, None)
+        except BaseException:
+            status.phase("Failed", status.current, None)
+            raise
+        finally:
+            bars.close()
+            endpoints.stop()
     return results
 
 
@@ -253,9 +240,9 @@ def summary(config: RunConfig, results: dict[int, dict[str, dict]], store_uri: s
         for stage, manifest in stages.items():
             counts = manifest.get("counts", {})
             if stage.startswith("train-"):
-                loss = manifest.get("finalLoss")
+                epochs = manifest.get("epochLosses") or [0.0]
                 lines.append(f"  {stage:<15} {manifest.get('steps', 0)} steps on {counts.get('accepted', 0)} "
-                             f"examples, loss {manifest.get('firstLoss') or 0:.3f} -> {loss or 0:.3f} "
+                             f"examples, mean loss of the first epoch {epochs[0]:.3f}, of the last {epochs[-1]:.3f} "
                              f"({manifest.get('mode')}, {manifest.get('trainSeconds', 0):.0f}s)")
                 continue
             if stage == "evaluate" and manifest.get("enabled", True):

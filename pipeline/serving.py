@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
+
+logger = logging.getLogger("selflengthen.serving")
 
 
 class ServerError(RuntimeError):
@@ -137,6 +140,10 @@ class VLLMServer:
         log.close()
         try:
             self.wait_healthy()
+        except KeyboardInterrupt:  # Ctrl-C while it starts: it serves nothing yet, so no graceful exit to wait for
+            logger.info("interrupted: stopping the vLLM server that was starting (pid %d)", self.process.pid)
+            self.stop(timeout=2)
+            raise
         except BaseException:
             self.stop()
             raise
@@ -180,21 +187,24 @@ class VLLMServer:
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # Engine processes share the group: make sure none outlives the server.
+        logger.info("stopping the vLLM server (pid %d)", proc.pid)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    return
+                try:
+                    proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        finally:
+            # Engine processes share the group: none outlives the server (also when a second Ctrl-C cut the wait).
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def __enter__(self) -> VLLMServer:
         return self.start()

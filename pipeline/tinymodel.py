@@ -104,8 +104,9 @@ def build_tiny_model(out_dir: Path, spec: TinySpec = TinySpec()) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(  # no bars of its own: the runner shows one line for the whole build
+        vocab_size=spec.vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(texts * 2, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
@@ -167,10 +168,18 @@ def build_tiny_model(out_dir: Path, spec: TinySpec = TinySpec()) -> Path:
     return out_dir
 
 
+def tiny_model_path(spec: TinySpec = TinySpec(), root: Path | None = None) -> Path:
+    return (root or cache_root() / "models") / f"tiny-qwen2-{spec.key()}"
+
+
+def tiny_model_cached(spec: TinySpec = TinySpec(), root: Path | None = None) -> bool:
+    return (tiny_model_path(spec, root) / "config.json").exists()
+
+
 def ensure_tiny_model(spec: TinySpec = TinySpec(), root: Path | None = None) -> Path:
     """The cached tiny model directory, built on first use."""
-    root = root or cache_root() / "models"
-    path = root / f"tiny-qwen2-{spec.key()}"
+    path = tiny_model_path(spec, root)
+    root = path.parent
     if not (path / "config.json").exists():
         root.mkdir(parents=True, exist_ok=True)
         build_tiny_model(path, spec)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import re
 import shutil
@@ -380,6 +381,14 @@ def _lora_summary(model) -> dict | None:
             "targetModules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
 
 
+def epoch_losses(history: list[dict]) -> list[float]:
+    """The mean logged loss of each epoch, in order (a logged step at epoch 1.0 ends the first one)."""
+    by_epoch: dict[int, list[float]] = {}
+    for entry in history:
+        by_epoch.setdefault(max(1, math.ceil(entry["epoch"] - 1e-6)), []).append(entry["loss"])
+    return [round(sum(v) / len(v), 4) for _, v in sorted(by_epoch.items())]
+
+
 def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | None = None) -> dict:
     """Train `role` for ctx.iteration on build-sft/<role>; returns the stage manifest (the same on every rank).
 
@@ -387,6 +396,9 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
     (a crash after its upload) returns its recorded manifest without training again."""
     from accelerate import PartialState
     from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its loading bars would break the run's own progress lines
 
     config: RunConfig = ctx.config
     store: Store = ctx.store
@@ -525,6 +537,8 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
         "resumedFromStep": resume_step,
         "finalLoss": losses[-1] if losses else None,
         "firstLoss": losses[0] if losses else None,
+        # One logged step is one batch (noisy at batch 1); the mean per epoch is what says whether it learns.
+        "epochLosses": epoch_losses(history),
         "trainLoss": result.training_loss,
         "trainableParams": trainable,
         "totalParams": total_params,

@@ -31,10 +31,13 @@ def manifests(k: int) -> dict[str, dict]:
                               "accepted": 15, "requests": 80, "rejected": {"growth": 2, "no-growth": 5}},
                    "averageWordsInitial": 41.0 * k, "averageWords": 66.25 * k, "maxWords": 150 * k, "growth": 1.616},
         "build-sft": {"counts": {"requested": 15, "accepted": 15, "generator": 15, "extender": 15}},
+        # firstLoss/finalLoss: single logged steps (batch 1: noisy); epochLosses: the mean of each epoch
         "train-generator": {"mode": "lora", "steps": 8, "firstLoss": 3.25, "finalLoss": 2.0 / k,
-                            "trainSeconds": 11.5, "counts": {"requested": 15, "accepted": 14}},
+                            "epochLosses": [4.0, 2.0 / k], "trainSeconds": 11.5,
+                            "counts": {"requested": 15, "accepted": 14}},
         "train-extender": {"mode": "lora", "steps": 8, "firstLoss": 3.5, "finalLoss": 2.5 / k,
-                           "trainSeconds": 12.5, "counts": {"requested": 15, "accepted": 15}},
+                           "epochLosses": [4.5, 3.0, 2.5 / k], "trainSeconds": 12.5,
+                           "counts": {"requested": 15, "accepted": 15}},
         "evaluate": {"enabled": True, "model": "generator", "counts": {"requested": 24, "accepted": 24, "truncated": 3},
                      "scores": {"overall": 0.125 * k, "byType": {"about": 0.2, "range": 0.1, "above": 0.05,
                                                                   "below": 0.15},
@@ -79,7 +82,7 @@ def test_report_numbers_are_the_manifests(store):
                               "extendedMax": 300, "extendedFromAverage": 82.0, "growth": 1.616,
                               "longenAverage": 111.0, "longenScore": 0.25}
     assert doc["training"]["generator"] == {"mode": "lora", "steps": 8, "examples": 14, "firstLoss": 3.25,
-                                            "finalLoss": 1.0, "trainSeconds": 11.5}
+                                            "finalLoss": 1.0, "trainSeconds": 11.5, "epochLosses": [4.0, 1.0]}
     assert doc["training"]["extender"]["finalLoss"] == 1.25
     assert doc["longen"]["overall"] == 0.25 and doc["longen"]["items"] == 24
     assert doc["longen"]["byType"] == made["evaluate"]["scores"]["byType"]
@@ -93,7 +96,9 @@ def test_report_numbers_are_the_manifests(store):
     assert "| respond | 26 | 20 | 77% | 30 | ngram 4 | 3.0 |" in md
     assert "| extend | 20 | 15 | 75% | 80 | growth 2, no-growth 5 | 3.0 |" in md
     assert "| initial | 80.5 | 140 |" in md and "| extended | 132.5 | 300 |" in md
-    assert "| generator | lora | 8 | 14 | 3.250 -> 1.000 | 11.5 |" in md
+    assert "| model | mode | steps | examples | epochs | mean loss, first epoch -> last epoch | seconds |" in md
+    assert "| generator | lora | 8 | 14 | 2 | 4.000 -> 1.000 | 11.5 |" in md
+    assert "| extender | lora | 8 | 15 | 3 | 4.500 -> 1.250 | 12.5 |" in md
     assert "score **0.250** on 24 items" in md and "mean **6.50** / 10 on 23 answers (1 without" in md
     assert "| 1 | 40.5 | 70 | 66.2 | 150 | 55.5 | 0.125 |" in md
     assert "| 2 | 80.5 | 140 | 132.5 | 300 | 111.0 | 0.250 |" in md
@@ -119,6 +124,21 @@ def test_plot_is_a_png_with_one_point_per_iteration(store):
     assert set(lines) == set(series)
     for key, points in series.items():
         assert [tuple(p) for p in lines[key].get_xydata().tolist()] == [(float(i), w) for i, w in points]
+
+
+def test_the_loss_plot_draws_each_epochs_mean_over_the_iterations(store):
+    cfg = config()
+    for k in (1, 2):
+        fill(store, cfg, k)
+    out = rep.write_report(store, cfg, 2)
+    assert store.read("rep/report/loss.png").startswith(PNG_SIGNATURE) and "rep/report/loss.png" in out["keys"]
+    assert "![Training loss per epoch](loss.png)" in out["markdown"]
+    series = rep.loss_series(out["history"])
+    assert series["generator"] == [(0.5, 4.0), (1.0, 2.0), (1.5, 4.0), (2.0, 1.0)]
+    assert [x for x, _ in series["extender"]] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])
+    fig = rep.loss_figure(out["history"])
+    lines = {line.get_gid(): line for line in fig.axes[0].get_lines()}
+    assert [tuple(p) for p in lines["generator"].get_xydata().tolist()] == series["generator"]
 
 
 def test_report_of_an_unfinished_iteration_and_gaps_in_the_plot(store):

@@ -2,6 +2,7 @@
 adapters in the store, iteration k+1 starting from iteration k, resume from a stored checkpoint."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -194,6 +195,11 @@ def test_lora_training_learns_and_stores_the_adapter(lora_run, tiny_model):
     first, last = [e["loss"] for e in history[:3]], [e["loss"] for e in history[-3:]]
     assert sum(last) / 3 < 0.9 * sum(first) / 3  # the loss goes down on the repeated data
     assert manifest["finalLoss"] == history[-1]["loss"]
+    # The report's numbers: one mean per epoch, falling (a single batch-1 step says little)
+    epochs = manifest["epochLosses"]
+    assert len(epochs) == math.ceil(manifest["epochs"] - 1e-6) >= 2 and epochs[-1] < epochs[0]
+    assert epochs[0] == pytest.approx(sum(e["loss"] for e in history if e["epoch"] <= 1 + 1e-6)
+                                      / sum(1 for e in history if e["epoch"] <= 1 + 1e-6), abs=1e-4)
 
     # the adapter is in the store, complete; the checkpoints were superseded by it
     assert tree_complete(store, model_prefix("t", 1, "generator"))
