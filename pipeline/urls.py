@@ -87,7 +87,10 @@ def redact_log_records() -> None:
 
     def make(*args, **kwargs) -> logging.LogRecord:
         record = factory(*args, **kwargs)
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: logging reports it when the record is emitted, as without us
+            return record
         if "://" in message:
             record.msg, record.args = redact(message), None
         return record

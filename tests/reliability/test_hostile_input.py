@@ -363,7 +363,7 @@ VLLM_SIDE = """
 import json, sys
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.utils.argparse_utils import FlexibleArgumentParser
-from selflengthen.pipeline import vllm_flags
+from selflengthen.pipeline import vllm_flags_gen as vllm_flags
 parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
 out = {"tableCurrent": vllm_flags.TABLE_PATH.read_text() == vllm_flags._table_from_vllm(), "set": []}
 for args in json.loads(sys.stdin.read()):
@@ -391,7 +391,7 @@ def test_the_flag_table_is_vllms_own_and_the_reader_reads_flags_as_vllm_does():
                           text=True, timeout=600, env={**os.environ, "PYTHONSAFEPATH": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["tableCurrent"], "run `python -m selflengthen.pipeline.vllm_flags --write`"
+    assert result["tableCurrent"], "run `python -m selflengthen.pipeline.vllm_flags_gen --write`"
     for args, theirs in zip(lines, result["set"], strict=True):
         ours = {a.dest for a in parse(args) if a.dest}
         assert set(theirs) <= ours, (args, set(theirs) - ours)
