@@ -157,6 +157,17 @@ def test_changes_to_stages_without_data_and_neutral_fields_are_allowed(tmp_path,
     assert stored(tmp_path)["evaluate"]["items"] == 6 and stored(tmp_path)["training"]["saveSteps"] == 5
 
 
+def test_a_stage_switched_off_keeps_its_data_bound_to_the_stored_configuration(tmp_path, stages):
+    ran, _ = stages
+    run(base(tmp_path))
+    ran.clear()
+    run(base(tmp_path, **{"evaluate.enabled": False}))  # switching it off changes no data: allowed
+    assert ran == []
+    # Its settings still bind the evaluations already made: changed while it is off, they are refused too.
+    with pytest.raises(ConfigChanged, match="evaluate.items: 24 -> 5"):
+        run(base(tmp_path, **{"evaluate.enabled": False, "evaluate.items": 5}))
+
+
 def test_more_iterations_continue_the_run(tmp_path, stages):
     ran, _ = stages
     run(base(tmp_path))
