@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     redact_log_records()  # no URL's userinfo or query string in any log line
+    logging.captureWarnings(True)  # library warnings as log records: printed above progress bars, not into them
     for noisy in ("httpx", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # SIGTERM (a Job's pod stopping, a `kill`) unwinds like Ctrl-C, so servers we started are stopped.
