@@ -257,6 +257,10 @@ def spec_schema() -> dict:
     stages = "[" + ", ".join(f"'{s}'" for s in (SERVING, *ALL_STAGES)) + "]"
     _add_rules(props["retry"]["properties"]["stages"], _rule(
         f"self.all(k, k in {stages})", "keys must be stage names: " + ", ".join((SERVING, *ALL_STAGES))))
+    job_stages = "[" + ", ".join(f"'{s}'" for s in ALL_STAGES) + "]"
+    _add_rules(props["deadlines"]["properties"]["stages"], _rule(
+        f"self.all(k, k in {job_stages})", "keys must be the names of stages that run as Jobs: "
+        + ", ".join(ALL_STAGES)))
     _add_rules(props["retry"], _rule(
         "self.maxBackoffSeconds >= self.backoffSeconds", "maxBackoffSeconds must not be below backoffSeconds",
         fieldPath=".maxBackoffSeconds"))

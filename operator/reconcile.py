@@ -167,6 +167,32 @@ def pod_summary(pod: dict) -> str:
     return f"pod {name}: " + "; ".join(parts)
 
 
+# Container waiting reasons that do not pass by themselves: the image cannot be pulled or the container not made
+# (a missing Secret or ConfigMap key).
+STUCK_WAITING = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
+                 "CreateContainerError")
+# A child without any pod this long after it was made: its pods are refused (a ResourceQuota, a LimitRange, an
+# admission webhook: the controller's FailedCreate Events say which).
+NO_POD_GRACE_SECONDS = 45
+
+
+def stuck_pod(pods: list[dict]) -> tuple[str, str] | None:
+    """(reason, message) of the first pod that cannot start: unpullable image, a container that cannot be made,
+    or unschedulable."""
+    for pod in pods:
+        st = pod.get("status") or {}
+        if st.get("phase") in ("Succeeded", "Failed") or (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        for cs in [*(st.get("initContainerStatuses") or []), *(st.get("containerStatuses") or [])]:
+            reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+            if reason in STUCK_WAITING:
+                return reason, pod_summary(pod)
+        for c in st.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return "Unschedulable", pod_summary(pod)
+    return None
+
+
 def _failure_recorded(rec: dict, attempt: int) -> bool:
     return any(f.get("attempt") == attempt for f in rec.get("failures") or [])
 
@@ -383,11 +409,14 @@ class _Reconciler:
         started = parse_ts(rec.get("startedAt")) or self.now
         rec.setdefault("startedAt", ts(started))
         elapsed = (self.now - started).total_seconds()
+        pods = [p for p in self.obs.pods if _label(p, LABEL_COMPONENT) == "inference"
+                and _label(p, LABEL_MODEL) == str(model) and _label(p, LABEL_ATTEMPT) == str(attempt)]
+        # a Deployment's missing pods show in its ReplicaFailure condition (quota), not as an empty pod list
+        if self.check_stuck(k, key, rec, pods, dep, False, "Deployment"):
+            return False
         if elapsed < inf.startup_timeout_seconds:
             self.wait(inf.startup_timeout_seconds - elapsed)
             return False
-        pods = [p for p in self.obs.pods if _label(p, LABEL_COMPONENT) == "inference"
-                and _label(p, LABEL_MODEL) == str(model) and _label(p, LABEL_ATTEMPT) == str(attempt)]
         detail = "; ".join(pod_summary(p) for p in pods) or "no pod was created (quota? admission?)"
         self.act("delete", "Deployment", rec["child"])
         self.fail_attempt(k, key, SERVING, "StartupTimeout",
@@ -397,6 +426,50 @@ class _Reconciler:
 
     def model_text(self, model: int) -> str:
         return "the base model" if model == 0 else f"the models of iteration {model}"
+
+    def check_stuck(self, k: int, key: str, rec: dict, pods: list[dict], child: dict, none_made: bool,
+                    kind: str) -> bool:
+        """A pod of the child that cannot start: recorded (condition Degraded says so); past deadlines.stuckSeconds
+        the child is deleted and the run Failed with that reason. True when the run has failed."""
+        found = stuck_pod(pods)
+        refused = _condition(child, "ReplicaFailure")  # a Deployment says why its ReplicaSet makes no pod (quota)
+        if found is None and refused and refused.get("status") == "True":
+            found = (refused.get("reason") or "FailedCreate", f"{kind} {rec['child']}: {refused.get('message')}")
+        if found is None and none_made:  # a Job says nothing: no pod at all for a while is the sign
+            made = parse_ts((child.get("metadata") or {}).get("creationTimestamp")) or parse_ts(rec.get("startedAt"))
+            age = (self.now - made).total_seconds() if made else 0.0
+            if age >= NO_POD_GRACE_SECONDS:
+                found = ("FailedCreate", f"{kind} {rec['child']}: no pod created after {age:.0f}s (a ResourceQuota, "
+                         f"LimitRange or admission webhook refuses its pods: kubectl describe {kind.lower()} "
+                         f"{rec['child']})")
+            else:
+                self.wait(NO_POD_GRACE_SECONDS - age)
+        if found is None:
+            rec.pop("stuck", None)
+            return False
+        reason, message = found
+        previous = rec.get("stuck") or {}
+        since = parse_ts(previous.get("since")) if previous.get("reason") == reason else None
+        if since is None:
+            since = self.now
+            self.event("Warning", "PodStuck", f"iteration {k}: {key}: {reason}: {message}")
+        rec["stuck"] = {"reason": reason, "message": _truncate(message), "since": ts(since)}
+        waited = (self.now - since).total_seconds()
+        limit = self.cl.deadlines.stuck_seconds
+        if waited < limit:
+            self.wait(min(limit - waited, 30.0))
+            return False
+        self.act("delete", kind, rec["child"])
+        if kind == "Job" and rec["child"] in self.obs.services:
+            self.act("delete", "Service", rec["child"])
+        attempt = rec.get("attempts", 0)
+        failure = {"attempt": attempt, "reason": reason, "message": _truncate(message), "time": ts(self.now)}
+        rec["failures"] = [*(rec.get("failures") or []), failure][-MAX_FAILURES_KEPT:]
+        rec.update(state="Failed", finishedAt=ts(self.now))
+        rec.pop("stuck", None)
+        self.status["lastFailure"] = {"iteration": k, "stage": key, **failure}
+        self.fail_run(f"iteration {k}: {key}: stuck {waited:.0f}s: {reason}: {message}", reason)
+        return True
 
     def run_stage(self, k: int, stage: str, endpoint_url: str | None) -> None:
         rec = self.record(k, stage)
@@ -438,6 +511,15 @@ class _Reconciler:
             return
         if rec.get("state") != "Running":
             rec["state"] = "Running"
+        if not job_complete(job) and not (job.get("spec") or {}).get("suspend"):
+            pods = [p for p in self.obs.pods if _label(p, JOB_NAME_LABEL) == rec["child"]]
+            counts = job.get("status") or {}
+            none_made = not pods and not any(int(counts.get(n) or 0) for n in
+                                             ("active", "ready", "succeeded", "failed", "terminating"))
+            if self.check_stuck(k, stage, rec, pods, job, none_made, "Job"):
+                return
+        else:
+            rec.pop("stuck", None)
         if (job.get("spec") or {}).get("suspend") and not self.cl.scheduling.queue_name:
             self.act("patch", "Job", rec["child"], {"spec": {"suspend": False}})  # resumed
 
@@ -453,6 +535,7 @@ class _Reconciler:
         # degraded from a stage's first failed attempt until that stage succeeds: while its retry waits and while
         # the retry runs (a run on its last attempts is not healthy, even when a Job is running)
         retrying = any(r.get("failures") and r.get("state") in ("Retrying", "Running") for r in records.values())
+        stuck = next(((key, r["stuck"]) for key, r in records.items() if r.get("stuck")), None)
         if phase == "Succeeded":
             ready = ("True", "Succeeded", f"all {self.cfg.iterations} iteration(s) done")
         elif phase == "Failed":
@@ -470,6 +553,9 @@ class _Reconciler:
             degraded = ("True", failure.get("reason") or "Failed", self.status.get("failureMessage") or "")
         elif rejection:
             degraded = ("True", CHILD_REJECTED, rejection_text(rejection))
+        elif stuck:
+            key, info = stuck
+            degraded = ("True", info.get("reason") or "PodStuck", f"iteration {k}: {key}: {info.get('message')}")
         elif retrying and failure:
             degraded = ("True", "Retrying", f"iteration {failure.get('iteration')}: {failure.get('stage')} attempt "
                         f"{failure.get('attempt')} failed: {failure.get('reason')}: {failure.get('message')}")

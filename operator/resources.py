@@ -368,6 +368,8 @@ def _job(run: Run, name: str, component: str, iteration: int, stage: str, attemp
         ]},
         # a replacement only once the old pod has stopped (it holds GPUs until then)
         "podReplacementPolicy": "Failed",
+        # past the stage's deadline the Job fails (DeadlineExceeded) and the operator retries it
+        "activeDeadlineSeconds": run.cluster.deadlines.stage(stage),
         "completions": completions,
         "parallelism": completions,
         "suspend": suspend,

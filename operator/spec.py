@@ -204,6 +204,29 @@ class Retry(Model):
         return float(min(self.backoff_seconds * 2 ** max(failures - 1, 0), self.max_backoff_seconds))
 
 
+# Sized for the paper's setting (Qwen2-7B, 5,000 instructions, answers up to 16k tokens, one 8-GPU node) with a wide
+# margin: a stage past its deadline is hung, not slow.
+DEFAULT_STAGE_DEADLINES = {"self-instruct": 12 * 3600, "respond": 48 * 3600, "extend": 72 * 3600,
+                           "build-sft": 2 * 3600, "train-generator": 72 * 3600, "train-extender": 72 * 3600,
+                           "evaluate": 12 * 3600, "collect": 24 * 3600}
+
+
+class Deadlines(Model):
+    stages: dict[str, Annotated[int, Field(ge=60, le=30 * 86_400)]] = Field(
+        default_factory=dict, max_length=len(DEFAULT_STAGE_DEADLINES),
+        description="Seconds a stage's Job may run (its activeDeadlineSeconds; past it the attempt fails with "
+        "DeadlineExceeded and is retried), per stage name, overriding the defaults: "
+        + ", ".join(f"{k} {v // 3600}h" for k, v in DEFAULT_STAGE_DEADLINES.items()))
+    stuck_seconds: int = Field(
+        1800, ge=60, le=86_400,
+        description="A pod stuck (ImagePullBackOff, ErrImagePull, CreateContainerConfigError, Unschedulable, or no "
+        "pod created: a quota or admission refusal) shows as Degraded at once; after this long the run is Failed "
+        "with that reason (30 min by default: time for a cluster autoscaler to add GPU nodes)")
+
+    def stage(self, stage: str) -> int:
+        return self.stages.get(stage, DEFAULT_STAGE_DEADLINES[stage])
+
+
 class Retention(Model):
     artifacts: Literal["Retain", "Delete"] = Field(
         "Retain", description="On deletion of the run: keep the S3 artifacts or delete them")
@@ -249,6 +272,7 @@ class ClusterSpec(Model):
     storage: StorageAccess = Field(default_factory=StorageAccess)
     scheduling: Scheduling = Field(default_factory=Scheduling)
     retry: Retry = Field(default_factory=Retry)
+    deadlines: Deadlines = Field(default_factory=Deadlines)
     retention: Retention = Field(default_factory=Retention)
     security: Security = Field(default_factory=Security)
     secret_env: list[SecretEnv] = Field(
@@ -387,6 +411,10 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
     unknown = sorted(set(cluster.retry.stages) - set(ALL_STAGES) - {SERVING})
     if unknown:
         errors.append(f"retry.stages: unknown stage(s) {', '.join(unknown)}")
+    unknown = sorted(set(cluster.deadlines.stages) - set(ALL_STAGES))
+    if unknown:
+        errors.append(f"deadlines.stages: unknown stage(s) {', '.join(unknown)} (serving has "
+                      "inference.startupTimeoutSeconds)")
     return errors
 
 

@@ -51,6 +51,15 @@ class Failure(_Model):
     time: Timestamp | None = _time()
 
 
+class Stuck(_Model):
+    """A pod of the stage's child that cannot start (condition Degraded shows it; Failed after
+    deadlines.stuckSeconds)."""
+
+    reason: str | None = Field(None, max_length=128, description="ImagePullBackOff, Unschedulable, FailedCreate, ...")
+    message: str | None = Field(None, max_length=MAX_MESSAGE)
+    since: Timestamp | None = _time("When it was first seen stuck")
+
+
 class StageRecord(_Model):
     """One stage (or serving pseudo-stage) of one macro-iteration."""
 
@@ -62,6 +71,7 @@ class StageRecord(_Model):
     duration_seconds: float | None = None
     child: str | None = Field(None, description="Job or Deployment of the latest attempt")
     failures: list[Failure] | None = Field(None, max_length=MAX_FAILURES_KEPT)
+    stuck: Stuck | None = None
     counts: dict[str, Any] | None = Field(None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
                                           description="The stage manifest's counts")
     average_words: float | None = None

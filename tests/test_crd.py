@@ -305,6 +305,8 @@ CEL_CASES = [
      "demo", "spec.inference.extraArgs: Invalid value: must not repeat flags the operator sets"),
     ("retry-stage", with_path(S(), ["retry", "stages"], {"trian-generator": 2}), None, "demo",
      "spec.retry.stages: Invalid value: keys must be stage names"),
+    ("deadline-stages", with_path(S(), ["deadlines"], {"stages": {"serving": 600}}), None, "demo",
+     "spec.deadlines.stages: Invalid value: keys must be the names of stages that run as Jobs"),
     ("retry-backoff", with_path(S(), ["retry"], {"backoffSeconds": 600, "maxBackoffSeconds": 60}), None, "demo",
      "spec.retry.maxBackoffSeconds: Invalid value: maxBackoffSeconds must not be below backoffSeconds"),
     ("toleration-exists-value", with_path(S(), ["scheduling", "tolerations"],

@@ -340,3 +340,104 @@ def test_without_collect_no_collect_job():
     world = World(make_run(spec(evaluate={"enabled": True})))
     run_to_completion(world)
     assert not [c for c in world.created if "collect" in c]
+
+
+# -- stuck pods and deadlines ----------------------------------------------------------------------------------------
+
+
+def _conditions(world: World) -> dict:
+    return {c["type"]: c for c in world.status["conditions"]}
+
+
+def _pod(job: str, *, waiting: str | None = None, unschedulable: bool = False) -> dict:
+    status: dict = {"phase": "Pending", "conditions": []}
+    if waiting:
+        status["containerStatuses"] = [{"name": "stage", "ready": False, "state": {"waiting": {
+            "reason": waiting, "message": f"{waiting}: ghcr.io/example/selflengthen:0.1.0 not found"}}}]
+    if unschedulable:
+        status["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                     "message": "0/12 nodes are available: 12 Insufficient nvidia.com/gpu."})
+    return {"metadata": {"name": f"{job}-abcde", "labels": {"batch.kubernetes.io/job-name": job}}, "status": status}
+
+
+def _at_first_job(overrides: dict | None = None) -> World:
+    world = World(make_run(spec(**(overrides or {}))))
+    world.settle()
+    world.ready("demo-m00-vllm-a1")
+    world.settle()
+    return world
+
+
+@pytest.mark.parametrize("waiting, unschedulable, reason", [
+    ("ImagePullBackOff", False, "ImagePullBackOff"), ("ErrImagePull", False, "ErrImagePull"),
+    ("CreateContainerConfigError", False, "CreateContainerConfigError"), (None, True, "Unschedulable")])
+def test_a_stuck_pod_shows_as_degraded_at_once_and_fails_the_run_after_the_stuck_time(waiting, unschedulable,
+                                                                                       reason):
+    world = _at_first_job({"deadlines": {"stuckSeconds": 600}})
+    job = "demo-i01-self-instruct-a1"
+    world.pods.append(_pod(job, waiting=waiting, unschedulable=unschedulable))
+    plan = world.step(advance=5)
+    degraded = _conditions(world)["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == reason
+    assert f"pod {job}-abcde" in degraded["message"] and "self-instruct" in degraded["message"]
+    assert [e.reason for e in plan.events] == ["PodStuck"] and plan.requeue_after <= 30
+    assert world.status["phase"] == "Generating"
+    for _ in range(19):  # 10 minutes less a step: still waiting, no second Event
+        assert "PodStuck" not in [e.reason for e in world.step(advance=30).events]
+    assert world.status["phase"] == "Generating"
+    world.step(advance=30)
+    assert world.status["phase"] == "Failed"
+    assert world.status["lastFailure"]["reason"] == reason and world.status["lastFailure"]["stage"] == "self-instruct"
+    ready = _conditions(world)["Ready"]
+    assert ready["status"] == "False" and ready["reason"] == reason
+    assert ("Job", job) not in world.objects  # deleted: it would start unattended once the image appears
+
+
+def test_a_stuck_pod_that_recovers_clears_degraded():
+    world = _at_first_job()
+    world.pods.append(_pod("demo-i01-self-instruct-a1", waiting="ImagePullBackOff"))
+    world.step()
+    assert _conditions(world)["Degraded"]["status"] == "True"
+    world.pods[-1]["status"] = {"phase": "Running", "containerStatuses": [{"name": "stage", "ready": True,
+                                                                          "state": {"running": {}}}]}
+    world.step()
+    assert _conditions(world)["Degraded"]["status"] == "False"
+    assert "stuck" not in world.status["history"][0]["stages"]["self-instruct"]
+
+
+def test_a_job_whose_pods_are_refused_shows_failed_create_within_a_minute():
+    world = _at_first_job()
+    world.step(advance=30)
+    assert _conditions(world)["Degraded"]["status"] == "False"  # pods take a moment to appear
+    world.step(advance=20)
+    degraded = _conditions(world)["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "FailedCreate"
+    assert "no pod created" in degraded["message"] and "ResourceQuota" in degraded["message"]
+
+
+def test_a_deployment_refused_by_a_quota_shows_its_reason():
+    world = World(make_run())
+    world.settle()
+    dep = world.objects[("Deployment", "demo-m00-vllm-a1")]
+    dep["status"] = {"conditions": [{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                     "message": 'pods "demo-m00-vllm-a1-7d9f" is forbidden: exceeded quota: gpu, '
+                                                "requested: requests.nvidia.com/gpu=1, limited: 0"}]}
+    world.step()
+    degraded = _conditions(world)["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "FailedCreate"
+    assert "exceeded quota" in degraded["message"]
+
+
+def test_every_stage_job_has_a_deadline_sized_for_its_stage():
+    from selflengthen.operator import resources as r
+    from selflengthen.operator.spec import DEFAULT_STAGE_DEADLINES
+
+    run = make_run(spec(deadlines={"stages": {"respond": 3600}}))
+    assert r.stage_job(run, 1, "respond", 1, endpoint_url="http://x/v1")["spec"]["activeDeadlineSeconds"] == 3600
+    assert r.stage_job(run, 1, "build-sft", 1)["spec"]["activeDeadlineSeconds"] == DEFAULT_STAGE_DEADLINES["build-sft"]
+    assert r.training_job(run, 1, "train-generator", 1)["spec"]["activeDeadlineSeconds"] == \
+        DEFAULT_STAGE_DEADLINES["train-generator"] >= 24 * 3600
+    from selflengthen.pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="deadlines.stages"):
+        make_run(spec(deadlines={"stages": {"serving": 600}}))
