@@ -44,8 +44,6 @@ CHART_CRD_PATH = CHART_DIR / "crds" / "selflengthenrun.yaml"
 CRD_PATHS = (CRD_PATH, CHART_CRD_PATH)
 
 _DROP = {"title", "$defs", "examples"}
-_CEL_TYPES = {"string": "string", "array": "list", "integer": "int", "number": "double", "boolean": "bool",
-              "object": "map"}
 
 # ---------------------------------------------------------------------------------------------------------------
 # JSON schema (pydantic, draft 2020-12) -> structural OpenAPI v3 schema (Kubernetes CRD)
@@ -104,15 +102,24 @@ def _convert(node: Any, defs: dict) -> Any:
                     out[key] = string[key]
             out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
             out["x-kubernetes-int-or-string"] = True
+            integer = next(v for v in variants if v.get("type") == "integer")
+            if "minimum" in integer:  # the schema's minimum would hold for both: say it of the integer only
+                out.setdefault("x-kubernetes-validations", []).append(_rule(
+                    f"type(self) == string || self >= {integer['minimum']}",
+                    f"must be at least {integer['minimum']}"))
             return out
-        # Any other union: structural schemas cannot type it; keep the value and check its type with CEL.
-        out = _convert(rest, defs)
-        cel_types = [_CEL_TYPES[t] for t in sorted(types)]
-        out["x-kubernetes-preserve-unknown-fields"] = True
-        out["x-kubernetes-validations"] = [_rule(
-            " || ".join(f"type(self) == {t}" for t in cel_types),
-            "must be one of: " + ", ".join(sorted(types)))]
-        return out
+        if types == {"array", "string"}:  # a name or a list of names: on the cluster always the list
+            out = _convert(rest, defs)
+            array = _convert(next(v for v in variants if v.get("type") == "array"), defs)
+            if isinstance(out.get("default"), str):
+                out["default"] = [out["default"]]
+            out = {**array, **out}
+            out["description"] = " ".join(filter(None, [out.get("description"), "(a list; one name is a "
+                                                                                "one-item list)"]))
+            return out
+        # A structural schema types every node, and the API server cannot declare CEL's `self` for an untyped
+        # one (the whole CRD is refused): a union must be given one type here.
+        raise ValueError(f"a union of {sorted(types)} has no structural schema: type it")
     out: dict = {}
     for key, value in node.items():
         if key in _DROP:
@@ -135,7 +142,7 @@ def _convert(node: Any, defs: dict) -> Any:
             ((pattern, sub),) = value.items()
             out["additionalProperties"] = _convert(sub, defs)
             out.setdefault("x-kubernetes-validations", []).append(
-                _rule(f"self.all(k, k.matches('{pattern}'))", f"keys must match {pattern}"))
+                _rule(f"self.all(k, k.matches('{_cel_string(pattern)}'))", f"keys must match {pattern}"))
         elif key == "propertyNames":
             continue  # not in OpenAPI v3 (map keys are checked with CEL where it matters)
         else:
@@ -145,6 +152,11 @@ def _convert(node: Any, defs: dict) -> Any:
     if "properties" in out and "type" not in out:
         out["type"] = "object"
     return out
+
+
+def _cel_string(text: str) -> str:
+    """`text` inside a single-quoted CEL string literal (a backslash is an escape there: a regex's \\. is \\\\.)."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _fill_factory_defaults(schema: dict, model: type[BaseModel]) -> None:
@@ -264,11 +276,14 @@ def spec_schema() -> dict:
     _add_rules(props["retry"], _rule(
         "self.maxBackoffSeconds >= self.backoffSeconds", "maxBackoffSeconds must not be below backoffSeconds",
         fieldPath=".maxBackoffSeconds"))
-    tol = props["scheduling"]["properties"]["tolerations"]["items"]
-    _add_rules(tol, _rule("self.operator != 'Exists' || !has(self.value)",
-                          "a toleration with operator Exists must not have a value"),
-               _rule("has(self.key) || self.operator == 'Exists'",
-                     "a toleration without a key must use operator Exists"))
+    for section in ("scheduling", "inference", "training", "cpuJobs"):  # every role's tolerations
+        tol = props[section]["properties"]["tolerations"]["items"]
+        _add_rules(tol, _rule("self.operator != 'Exists' || !has(self.value)",
+                              "a toleration with operator Exists must not have a value"),
+                   _rule("has(self.key) || self.operator == 'Exists'",
+                         "a toleration without a key must use operator Exists"),
+                   _rule("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                         "tolerationSeconds only with effect NoExecute", fieldPath=".tolerationSeconds"))
     _add_rules(schema, _rule(
         "self.training.mode != 'full' || self.iterations == 1",
         "training.mode full supports iterations: 1 only (one vLLM server cannot serve two different full models "
@@ -321,8 +336,7 @@ def _hostile_input_rules(props: dict) -> None:
         "must not pass keys (--api-key, --hf-token) or an options file (--config): keys come from Secrets"))
     for node in (props["models"]["properties"]["base"], props["inference"]["properties"]["model"]):
         _add_rules(node, _rule("!self.startsWith('-')", "must not begin with '-' (vLLM would read it as a flag)"))
-    _add_rules(props["training"]["properties"]["lora"]["properties"]["targetModules"], _rule(
-        "type(self) == string || size(self) > 0", "must name at least one module (or be all-linear)"))
+    # targetModules: typed as a list with minItems 1 (no rule needed to refuse an empty one)
 
 
 # ---------------------------------------------------------------------------------------------------------------

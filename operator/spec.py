@@ -18,6 +18,7 @@ from ..pipeline.config import ConfigError, RunConfig, _format_errors
 from ..pipeline.stages import DATA_STAGES, TRAIN_STAGES, iteration_stages
 from ..pipeline.vllm_flags import check_extra_args, check_positional
 from ..pipeline.vllm_flags_table import OPTIONS
+from . import k8sformat
 
 # RunConfig fields that are not part of the cluster spec (dotted snake_case paths).
 EXCLUDED_CONFIG_FIELDS = ("name", "local", "models.endpoint", "models.api_key_env")
@@ -30,10 +31,16 @@ ALL_STAGES = (*DATA_STAGES, *TRAIN_STAGES, EVAL_STAGE, COLLECT_STAGE)
 SERVING = "serving"  # the pseudo-stage of bringing the vLLM server up (retried and timed like a stage)
 
 RESOURCE_KEY = r"^([a-z0-9.-]+/)?[a-zA-Z0-9][-._a-zA-Z0-9]*$"
-QUANTITY = r"^[+]?[0-9.]+([eE][-+]?[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$"
+# The formats the API server and the kubelet check (operator/k8sformat.py), as patterns the CRD can carry too.
+QUANTITY = rf"^{k8sformat.NONNEGATIVE_QUANTITY}$"  # resource.Quantity, no negatives
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# a label key / nodeSelector key: [DNS-subdomain prefix/]name, the name at most 63 characters
+QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                  r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$")
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+IMAGE = rf"^{k8sformat.IMAGE_REFERENCE}$"
 # vLLM flags the operator sets itself (in any spelling: pipeline/vllm_flags.py), and the setting that owns each:
 # passing them again in inference.extraArgs would conflict.
 RESERVED_VLLM_SETTINGS = {
@@ -49,18 +56,25 @@ RESERVED_VLLM_FLAGS = tuple(RESERVED_VLLM_SETTINGS)
 # (63) for every allowed value: 100 iterations, the longest stage (train-generator), attempt 9, node index 127.
 MAX_RUN_NAME = 63 - len("-i100-train-generator-a9-127")
 
-Quantity = Annotated[int | Annotated[str, Field(pattern=QUANTITY, max_length=64)], Field()]
+Quantity = Annotated[Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=QUANTITY, max_length=64)],
+                     Field()]
 
 
 class Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
+MAX_RESOURCES = 32  # resource names per requests/limits map (bounds the CRD rules that iterate them)
+Image = Annotated[str, Field(min_length=1, max_length=4096, pattern=IMAGE)]
+
+
 class Resources(Model):
     """Container resources other than GPUs (cpu, memory, ephemeral-storage, RDMA devices, ...)."""
 
-    requests: dict[Annotated[str, Field(pattern=RESOURCE_KEY)], Quantity] = Field(default_factory=dict)
-    limits: dict[Annotated[str, Field(pattern=RESOURCE_KEY)], Quantity] = Field(default_factory=dict)
+    requests: dict[Annotated[str, Field(pattern=RESOURCE_KEY, max_length=316)], Quantity] = Field(
+        default_factory=dict, max_length=MAX_RESOURCES)
+    limits: dict[Annotated[str, Field(pattern=RESOURCE_KEY, max_length=316)], Quantity] = Field(
+        default_factory=dict, max_length=MAX_RESOURCES)
 
 
 class SecretKeyRef(Model):
@@ -77,14 +91,16 @@ class SecretEnv(Model):
 
 
 class Toleration(Model):
-    key: str | None = Field(None, max_length=316)
+    key: str | None = Field(None, max_length=316, pattern=QUALIFIED_NAME, description="A taint key (label key)")
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(None, max_length=63)
+    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(None, ge=0)
+    toleration_seconds: int | None = Field(None, ge=0, description="Only with effect NoExecute")
 
 
-NodeSelector = dict[str, Annotated[str, Field(max_length=63)]]
+# node label keys and values, as the API server checks them (bounded: the CRD's rules iterate the keys)
+NodeSelector = Annotated[dict[Annotated[str, Field(max_length=317, pattern=QUALIFIED_NAME)],
+                              Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]], Field(max_length=64)]
 
 
 def _role_node_selector(role: str):
@@ -109,7 +125,7 @@ def _resources(requests: dict, limits: dict, what: str):
 class Inference(Model):
     """The vLLM server of each macro-iteration (a Deployment and its Service)."""
 
-    image: str = Field("vllm/vllm-openai:v0.32.0", min_length=1, description="vLLM OpenAI-compatible server image")
+    image: Image = Field("vllm/vllm-openai:v0.32.0", description="vLLM OpenAI-compatible server image")
     model: str | None = Field(
         None, min_length=1, description="What vLLM loads (Hugging Face name or path in the image/cache); "
         "default: models.base")
@@ -140,8 +156,8 @@ class Inference(Model):
 class TrainingJobs(Model):
     """Where the fine-tuning Jobs run (merged into spec.training beside the run configuration's hyperparameters)."""
 
-    image: str | None = Field(
-        None, min_length=1, description="Training image (torch, transformers, peft); default: the selflengthen-training "
+    image: Image | None = Field(
+        None, description="Training image (torch, transformers, peft); default: the selflengthen-training "
         "image beside spec.image (its repository name + '-training', the same registry and tag: what `make images` "
         "builds)")
     nodes: int = Field(1, ge=1, le=128, description="More than 1: an Indexed Job with torchrun rendezvous")
@@ -182,8 +198,9 @@ class Scheduling(Model):
         description="Tolerations of every pod (inference, training and cpuJobs may replace them)")
     priority_class_name: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253)
     queue_name: str | None = Field(
-        None, pattern=DNS_SUBDOMAIN, max_length=253,
-        description="Kueue LocalQueue: Jobs are created suspended and admitted by Kueue")
+        None, pattern=DNS_SUBDOMAIN, max_length=63,
+        description="Kueue LocalQueue: Jobs are created suspended and admitted by Kueue (it becomes the label "
+        "kueue.x-k8s.io/queue-name: at most 63 characters)")
     service_account_name: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253)
     image_pull_secrets: list[Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=253)]] = Field(
         default_factory=list, max_length=16)
@@ -191,8 +208,9 @@ class Scheduling(Model):
 
 class Retry(Model):
     max_attempts: int = Field(3, ge=1, le=9, description="Attempts per stage (the first included)")
-    stages: dict[str, Annotated[int, Field(ge=1, le=9)]] = Field(
-        default_factory=dict, description="Per-stage attempt limits overriding maxAttempts (stage name -> attempts)")
+    stages: dict[Annotated[str, Field(max_length=32)], Annotated[int, Field(ge=1, le=9)]] = Field(
+        default_factory=dict, max_length=16,
+        description="Per-stage attempt limits overriding maxAttempts (stage name -> attempts)")
     backoff_seconds: int = Field(30, ge=0, le=3600, description="Wait before the 2nd attempt; doubles after")
     max_backoff_seconds: int = Field(900, ge=0, le=86_400)
 
@@ -263,7 +281,7 @@ def training_image_beside(image: str) -> str | None:
 class ClusterSpec(Model):
     """The cluster-only part of a SelfLengthenRun spec."""
 
-    image: str = Field(min_length=1, description="The selflengthen image: data, build-sft and evaluate Jobs")
+    image: Image = Field(description="The selflengthen image: data, build-sft and evaluate Jobs")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     suspend: bool = Field(False, description="Stop starting work and suspend running Jobs; false resumes")
     inference: Inference = Field(default_factory=Inference)
@@ -390,10 +408,16 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
                       "cannot be named)")
     if cluster.retry.max_backoff_seconds < cluster.retry.backoff_seconds:
         errors.append("retry.maxBackoffSeconds: must not be below backoffSeconds")
-    for where, tolerations in (("scheduling", cluster.scheduling.tolerations),
-                               ("inference", cluster.inference.tolerations), ("training", cluster.training.tolerations),
-                               ("cpuJobs", cluster.cpu_jobs.tolerations)):
-        for i, t in enumerate(tolerations or []):
+    roles = (("scheduling", cluster.scheduling), ("inference", cluster.inference), ("training", cluster.training),
+             ("cpuJobs", cluster.cpu_jobs))
+    for where, section in roles:
+        for key in section.node_selector or {}:  # the prefix's length, which the pattern cannot say
+            errors.extend(f"{where}.nodeSelector.{key}: {m}" for m in k8sformat.qualified_name(key))
+        for i, t in enumerate(section.tolerations or []):
+            if t.key:
+                errors.extend(f"{where}.tolerations.{i}.key: {m}" for m in k8sformat.qualified_name(t.key))
+            if t.toleration_seconds is not None and t.effect != "NoExecute":
+                errors.append(f"{where}.tolerations.{i}.tolerationSeconds: only with effect NoExecute")
             if t.operator == "Exists" and t.value is not None:
                 errors.append(f"{where}.tolerations.{i}: a toleration with operator Exists must not have a value")
             if t.key is None and t.operator != "Exists":

@@ -147,7 +147,11 @@ def _message(err) -> str:
 
 def _schema_errors(obj: dict) -> list[str]:
     errors = []
-    for err in sorted(_validator().iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
+    found = sorted(_validator().iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    too_long = {tuple(e.absolute_path) for e in found if e.validator in ("maxLength", "maxItems", "maxProperties")}
+    for err in found:
+        if err.validator == "pattern" and tuple(err.absolute_path) in too_long:
+            continue  # a value too long is refused for that, not also for its format (nor echoed twice)
         if err.validator == "additionalProperties" and err.validator_value is False:
             extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
             for name in extra:

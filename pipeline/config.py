@@ -178,7 +178,8 @@ class Storage(Model):
     uri: str = Field(
         "file://./runs", description="file://DIR or s3://BUCKET/PREFIX; artifacts go under <uri>/<run name>/"
     )
-    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto, ...); credentials from environment")
+    endpoint_url: str | None = Field(None, max_length=2048,  # bounded: the CRD's CEL rules read it
+                                     description="S3 endpoint (MinIO, moto, ...); credentials from environment")
     shard_size: int = Field(64, ge=1, le=100_000, description="Items per shard: the unit of resume")
 
     @field_validator("endpoint_url")
@@ -256,9 +257,15 @@ class Lora(Model):
     alpha: float = Field(16, gt=0, description="LoRA alpha (scaling = alpha / rank)")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Annotated[str, Field(min_length=1)] | Annotated[
-        list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(
+        list[Annotated[str, Field(min_length=1, max_length=128)]], Field(min_length=1, max_length=64)] = Field(
         "all-linear", description="'all-linear' (every linear layer but the output head) or module names"
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _all_linear(cls, value):
+        """['all-linear'] (a cluster spec says it so: there the field is always a list) is peft's 'all-linear'."""
+        return value[0] if value == ["all-linear"] else value
 
 
 class Training(Model):
@@ -298,7 +305,8 @@ class Judge(Model):
 
     enabled: bool = False
     endpoint: str | None = Field(
-        None, description="Base URL of the judge's OpenAI-compatible server (empty: the stage's own endpoint)"
+        None, max_length=2048,  # bounded: the CRD's CEL rules read it
+        description="Base URL of the judge's OpenAI-compatible server (empty: the stage's own endpoint)"
     )
     model: str = Field("judge", min_length=1, description="Model name of the judge at its endpoint")
     api_key_env: str | None = Field(

@@ -133,6 +133,8 @@ def test_cluster_defaults_equal_the_pipeline_defaults():
         for key, value in actual.items():
             if isinstance(value, dict) and isinstance(wanted.get(key), dict):
                 check(value, wanted[key], f"{path}.{key}")
+            elif isinstance(value, list) and value == [wanted.get(key)]:
+                continue  # a name or a list of names: on the cluster one name is a one-item list (targetModules)
             else:
                 assert wanted.get(key) == value, f"{path}.{key}: CRD default {value!r}, pipeline {wanted.get(key)!r}"
 
@@ -316,7 +318,7 @@ CEL_CASES = [
      None, "demo", "spec.scheduling.tolerations[0]: Invalid value: a toleration without a key must use operator "
      "Exists"),
     ("target-modules-type", with_path(S(), ["training", "lora"], {"targetModules": 7}), None, "demo",
-     "spec.training.lora.targetModules: Invalid value: must be one of: array, string"),
+     "spec.training.lora.targetModules: Invalid value: 7 is not of type 'array'"),
     # hostile input (tests/reliability/test_hostile_input.py): what would fail at run time or leak a key
     ("s3-query", with_path(S(), ["storage", "uri"], "s3://bucket/runs?versionId=1"), None, "demo",
      "spec.storage.uri: Invalid value: must be s3://BUCKET/PREFIX without a query string"),
@@ -327,7 +329,15 @@ CEL_CASES = [
     ("s3-trailing-dot", with_path(S(), ["storage", "uri"], "s3://bucket/x/."), None, "demo",
      "spec.storage.uri: Invalid value: must not contain '.', '..' or empty segments"),
     ("target-modules-empty", with_path(S(), ["training", "lora"], {"targetModules": []}), None, "demo",
-     "spec.training.lora.targetModules: Invalid value: must name at least one module"),
+     "spec.training.lora.targetModules: Invalid value: [] should be non-empty"),
+    # Kubernetes formats (issue 12): what the API server or the kubelet would refuse later
+    ("node-selector-key", with_path(S(), ["scheduling", "nodeSelector"], {"gpu type": "h100"}), None, "demo",
+     "spec.scheduling.nodeSelector: Invalid value: keys must match"),
+    ("negative-quantity", with_path(S(), ["inference", "resources"], {"requests": {"cpu": -1}}), None, "demo",
+     "spec.inference.resources.requests.cpu: Invalid value: must be at least 0"),
+    ("toleration-seconds", with_path(S(), ["scheduling", "tolerations"], [
+        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 5}]), None, "demo",
+     "spec.scheduling.tolerations[0].tolerationSeconds: Invalid value: tolerationSeconds only with effect NoExecute"),
     ("name-reserved", S(), None, "iter-01", "<root>: Invalid value: metadata.name: names of the form iter-NN"),
     ("vllm-flags-underscore", with_path(S(), ["inference", "extraArgs"], ["--max_model_len=4096"]), None, "demo",
      "spec.inference.extraArgs: Invalid value: must not repeat flags the operator sets"),
@@ -402,3 +412,71 @@ def test_allowed_updates_pass_the_transition_rules():
                     "client": {"concurrency": 8}, "retry": {"maxAttempts": 5},
                     "storage": {**S()["storage"], "credentialsSecret": "rotated"}})
     assert validate(new, old) == []
+
+
+# -- the CRD as the API server checks it at install (operator/celcheck.py, Google's CEL with its type checker) -------
+
+
+def test_the_crd_installs_every_rule_typed_compiled_bounded_and_within_the_cost_budgets():
+    from selflengthen.operator.celcheck import PER_CRD_LIMIT, PER_RULE_LIMIT, install_errors, rule_costs
+
+    root = root_schema()
+    assert install_errors(root) == []
+    costs = rule_costs(root)
+    assert len(costs) >= 30 and max(c for _, _, c in costs) <= PER_RULE_LIMIT
+    assert sum(c for _, _, c in costs) <= PER_CRD_LIMIT
+
+
+def _node(root: dict, path: str) -> dict:
+    node = root
+    for part in path.split("."):
+        node = node["properties"][part]
+    return node
+
+
+def test_install_checks_refuse_what_the_api_server_refuses():
+    from selflengthen.operator.celcheck import install_errors
+
+    # the landed CRD's targetModules: a CEL rule on a node with no declared type (helm install failed)
+    root = copy.deepcopy(root_schema())
+    lora = _node(root, "spec.training.lora")
+    lora["properties"]["targetModules"] = {"x-kubernetes-preserve-unknown-fields": True, "x-kubernetes-validations": [
+        {"rule": "type(self) == list || type(self) == string", "message": "must be one of: array, string"}]}
+    assert any("targetModules: x-kubernetes-validations on a node without a declared type" in e
+               for e in install_errors(root))
+    # a map a rule iterates without maxProperties (no bound for the cost estimator)
+    root = copy.deepcopy(root_schema())
+    _node(root, "spec.retry.stages").pop("maxProperties")
+    errors = install_errors(root)
+    assert any("spec.retry.stages" in e and "no maxProperties" in e for e in errors)
+    assert any("per-CRD budget" in e for e in errors)
+    # rules that do not type-check: a wrong field, a wrong type, not a bool
+    for rule, wanted in (("self.minWord < 3", "undefined field 'minWord'"),
+                         ("self.minWords.startsWith('1')", "no matching overload for 'startsWith'"),
+                         ("self.minWords + 1", "not bool")):
+        root = copy.deepcopy(root_schema())
+        _node(root, "spec.selfInstruct")["x-kubernetes-validations"].append({"rule": rule})
+        assert any(wanted in e for e in install_errors(root)), rule
+
+
+def test_a_union_without_a_structural_type_is_refused_at_generation():
+    from pydantic import BaseModel
+
+    class Odd(BaseModel):
+        value: int | list[int] = 1
+
+    with pytest.raises(ValueError, match="no structural schema"):
+        crd_mod.openapi_schema(Odd)
+
+
+def test_target_modules_is_a_typed_list_on_the_cluster_and_all_linear_for_peft():
+    node = _node(root_schema(), "spec.training.lora")["properties"]["targetModules"]
+    assert node["type"] == "array" and node["items"]["type"] == "string" and node["default"] == ["all-linear"]
+    obj, errors = admit(manifest(minimal_spec()))
+    assert errors == []
+    config, _ = parse_spec("demo", obj["spec"])
+    assert config.training.lora.target_modules == "all-linear"
+    modules = ["q_proj", "v_proj"]
+    obj, errors = admit(manifest(with_path(minimal_spec(), ["training", "lora", "targetModules"], modules)))
+    assert errors == [] and parse_spec("demo", obj["spec"])[0].training.lora.target_modules == ["q_proj", "v_proj"]
+    assert validate(manifest(with_path(minimal_spec(), ["training", "lora", "targetModules"], "q_proj")))
