@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from kube_fixtures import (
+    MERGE,
     NS,
     PATHS,
     RUNS_PATH,
@@ -65,6 +66,38 @@ async def test_realistic_api_server_stamps_metadata_and_honours_subresources(clu
         run["metadata"]["generation"] == 2
     run = await cluster.patch_run({"metadata": {"annotations": {"a": "b"}}})
     assert run["metadata"]["generation"] == 2  # metadata changes do not bump the generation
+
+
+async def test_strict_api_server_prunes_defaults_and_validates_runs_and_children(cluster):
+    run = await cluster.apply("demo", {**spec(), "unknownField": 1, "retry": {"maxAttempts": 2, "typo": 3}})
+    assert "unknownField" not in run["spec"] and "typo" not in run["spec"]["retry"]  # pruned, silently
+    assert run["spec"]["retry"]["backoffSeconds"] == 30 and run["spec"]["inference"]["replicas"] == 1  # defaulted
+    strict = await cluster.request("POST", RUNS_PATH + "?fieldValidation=Strict", {
+        "apiVersion": "selflengthen.io/v1alpha1", "kind": "SelfLengthenRun", "metadata": {"name": "other"},
+        "spec": {**spec(), "unknownField": 1}}, ok=(400,))
+    assert strict is None and await cluster.run("other") is None
+
+    async def refused(method, path, body, headers=None):
+        async with cluster.http.request(method, path, json=body, headers=headers) as rsp:
+            return rsp.status, await rsp.json()
+
+    code, body = await refused("PATCH", f"{RUNS_PATH}/demo", {"spec": {"seed": 7}}, MERGE)  # a transition rule
+    assert code == 422 and body["reason"] == "Invalid" and body["details"]["causes"][0]["field"] == "spec.seed"
+    assert "immutable" in body["message"]
+    code, body = await refused("PATCH", f"{RUNS_PATH}/demo/status", {"status": {"phase": "Done",
+                                                                             "history": "x"}}, MERGE)
+    assert code == 422 and {c["field"] for c in body["details"]["causes"]} == {"status.phase", "status.history"}
+    run = await cluster.patch_run({"status": {"phase": "Serving", "nextAttemptAt": "2026-01-01T00:00:00Z"}},
+                                  "status")
+    assert run["status"] == {"phase": "Serving"}  # an undeclared status field is pruned, silently
+    code, body = await refused("POST", PATHS["ConfigMap"], {"metadata": {"name": "Bad_Name", "labels": {
+        "a b": "c"}}, "data": {"k": "v"}})
+    assert code == 422 and {c["field"] for c in body["details"]["causes"]} == {"metadata.name", "metadata.labels"}
+    code, body = await refused("POST", PATHS["Job"], {"metadata": {"name": "j"}, "spec": {"template": {
+        "spec": {"containers": [{"name": "c", "image": "i", "resources": {"limits": {"cpu": "-1"}}}],
+                 "restartPolicy": "Never"}}}})
+    assert code == 422 and "resources.limits[cpu]" in body["message"]
+    assert cluster.k8s.refused[-1][0] == "Job"
 
 
 async def test_realistic_api_server_filters_by_label_selector(cluster):
