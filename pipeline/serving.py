@@ -106,6 +106,7 @@ class VLLMServer:
         extra_args: Sequence[str] = (),
         workdir: Path | None = None,
         max_lora_rank: int = 16,
+        dtype: str = "float32",
     ):
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}/v1"
@@ -116,6 +117,7 @@ class VLLMServer:
         self.command = vllm_command(
             model, port=self.port, served_names=served_names, lora_modules=lora_modules,
             max_model_len=max_model_len, extra_args=extra_args, max_lora_rank=lora_rank_bucket(max_lora_rank),
+            dtype=dtype,
         )
         cache = self.workdir / "cache"
         self.env = {

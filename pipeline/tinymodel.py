@@ -184,10 +184,3 @@ def ensure_tiny_model(spec: TinySpec = TinySpec(), root: Path | None = None) -> 
         root.mkdir(parents=True, exist_ok=True)
         build_tiny_model(path, spec)
     return path
-
-
-def resolve_model(name: str) -> str:
-    """Model references in configuration: tiny://qwen2 builds the local tiny model; anything else is as given."""
-    if name == TINY_URI:
-        return str(ensure_tiny_model())
-    return name

@@ -5,7 +5,8 @@ One function, `train_role(ctx, role)`, trains one role of one iteration on that 
   * LoRA on all linear layers (training.lora) or full fine-tuning (training.mode);
   * each conversation is rendered with the tokenizer's own chat template; the loss is taken on the assistant
     turns only (labels -100 elsewhere), see `encode_conversation`;
-  * bf16 (+ gradient checkpointing) on CUDA, float32 on CPU; length-grouped batches;
+  * bf16 (+ gradient checkpointing) on CUDA, float32 on CPU (bf16 when asked and the CPU has it); length-grouped
+    batches;
   * iteration k > 1 starts from the iteration k-1 adapter (or full weights) of the same role, read from the store;
   * distributed when launched under torchrun / accelerate: the HF Trainer does the data parallelism, rank 0 alone
     writes to the store, ranks meet at torch collectives (never at files);
@@ -36,8 +37,8 @@ from pathlib import Path
 
 from .artifacts import iteration_prefix
 from .config import RunConfig
+from .models import resolve_model
 from .store import Store, dumps_jsonl, read_jsonl
-from .tinymodel import resolve_model
 from .treestore import delete_tree, download_tree, tree_complete, tree_manifest, upload_tree
 
 log = logging.getLogger("selflengthen.train")
@@ -323,10 +324,21 @@ def _precision(config: RunConfig) -> tuple[bool, str]:
     precision = config.training.precision
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
-    if precision == "bf16" and not cuda:
-        log.warning("training.precision bf16 without CUDA: training in float32")
+    if precision == "bf16" and not cuda and not _cpu_has_bf16():
+        log.warning("training.precision bf16 on a CPU without bfloat16 instructions: training in float32")
         precision = "fp32"
     return cuda, precision
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 / AMX, through oneDNN): then an explicit
+    training.precision bf16 is kept on the CPU too (auto stays float32 there)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _load_model(config: RunConfig, base: str, previous: Path | None, precision: str):
