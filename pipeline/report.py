@@ -36,6 +36,8 @@ SERIES = (
     ("initialMax", "initial responses, max", "C0:"),
     ("extendedMax", "extended responses, max", "C1:"),
     ("longenAverage", "LonGen answers, average", "C2--"),
+    ("heldoutBefore", "held-out prompts, before training", "C3--"),
+    ("heldoutAfter", "held-out prompts, after training", "C3-"),
 )
 
 
@@ -81,7 +83,8 @@ def stage_row(manifest: dict) -> dict:
 
 
 def lengths_of(manifests: dict[str, dict]) -> dict:
-    """Words of the initial responses (respond) and of the extended ones (extend), and of the LonGen answers."""
+    """Words of the initial responses (respond) and of the extended ones (extend), of the LonGen answers, and of the
+    Generator's answers to the held-out prompts before (respond) and after (evaluate) the iteration's training."""
     respond, extend, evaluate = (manifests.get(s) or {} for s in ("respond", "extend", "evaluate"))
     return {
         "initialAverage": respond.get("averageWords"),
@@ -93,6 +96,8 @@ def lengths_of(manifests: dict[str, dict]) -> dict:
         "growth": extend.get("growth"),
         "longenAverage": evaluate.get("averageWords") if evaluate.get("enabled", True) else None,
         "longenScore": ((evaluate.get("scores") or {}).get("overall")) if evaluate.get("enabled", True) else None,
+        "heldoutBefore": (respond.get("heldout") or {}).get("averageWords"),
+        "heldoutAfter": (evaluate.get("heldout") or {}).get("averageWords"),
     }
 
 
@@ -218,12 +223,19 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Collect", "", f"{_fmt(c['accepted'])} of {_fmt(c['requested'])} pairs kept "
                   f"({_fmt(c['extended'])} extended), average {_fmt(c['averageWords'])} words, max "
                   f"{_fmt(c['maxWords'])}; length demands: {types}. SFT data: `{c['output']}`."]
+    if ln.get("heldoutBefore") is not None or ln.get("heldoutAfter") is not None:
+        lines += ["", f"Held-out prompts (never trained on): the Generator answered with {_fmt(ln['heldoutBefore'])} "
+                      f"words on average before this iteration's training, {_fmt(ln['heldoutAfter'])} after it."]
+    # growth: the kept extensions' average over the average of the initial responses they were made from
     lines += ["", "## Lengths per iteration (words)", "",
-              "| iteration | initial avg | initial max | extended avg | extended max | LonGen avg | LonGen score |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "| iteration | initial avg | initial max | extended avg | extended max | accepted growth "
+              "| held-out before | held-out after | LonGen avg | LonGen score |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for h in report["history"]:
+        growth = "-" if h.get("growth") is None else f"x{h['growth']:.2f}"
         lines.append(f"| {h['iteration']} | {_fmt(h['initialAverage'])} | {_fmt(h['initialMax'])} "
-                     f"| {_fmt(h['extendedAverage'])} | {_fmt(h['extendedMax'])} | {_fmt(h['longenAverage'])} "
+                     f"| {_fmt(h['extendedAverage'])} | {_fmt(h['extendedMax'])} | {growth} "
+                     f"| {_fmt(h.get('heldoutBefore'))} | {_fmt(h.get('heldoutAfter'))} | {_fmt(h['longenAverage'])} "
                      f"| {_fmt(h['longenScore'], 3)} |")
     if report.get("plot"):
         lines += ["", f"![Response length per iteration]({PLOT})"]
@@ -253,6 +265,10 @@ def length_figure(history: list[dict]):
         points = plot_series(history)[key]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label, gid=key)
+    for h in history:  # the accepted growth, written at each extended average
+        if isinstance(h.get("growth"), int | float) and isinstance(h.get("extendedAverage"), int | float):
+            ax.annotate(f"x{h['growth']:.2f}", (h["iteration"], h["extendedAverage"]), textcoords="offset points",
+                        xytext=(6, 4), fontsize="small", color="C1")
     iterations = [h["iteration"] for h in history]
     ax.set_xticks(iterations or [1])
     ax.set_xlabel("macro-iteration")

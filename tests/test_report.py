@@ -26,7 +26,9 @@ def manifests(k: int) -> dict[str, dict]:
                                      "rejected": {"length": 3, "duplicate": 2 + k}}, "averageWords": 21.5},
         "respond": {"counts": {"instructions": 12 + k, "requested": 26, "passed": 24, "failed": 2, "droppedShort": 4,
                                "accepted": 20, "requests": 30, "rejected": {"ngram": 4}},
-                    "averageWords": 40.0 * k + 0.5, "maxWords": 70 * k},
+                    "averageWords": 40.0 * k + 0.5, "maxWords": 70 * k,
+                    "heldout": {"model": "generator", "items": 4, "averageWords": 30.0 * k, "maxWords": 50 * k,
+                                "truncated": 0, "answers": []}},
         "extend": {"counts": {"responses": 20, "requested": 20, "passed": 18, "failed": 2, "droppedShort": 3,
                               "accepted": 15, "requests": 80, "rejected": {"growth": 2, "no-growth": 5}},
                    "averageWordsInitial": 41.0 * k, "averageWords": 66.25 * k, "maxWords": 150 * k, "growth": 1.616},
@@ -43,6 +45,8 @@ def manifests(k: int) -> dict[str, dict]:
                                                                   "below": 0.15},
                                 "byLanguage": {"en": 0.125 * k}, "byRange": {}},
                      "averageWords": 55.5 * k, "maxWords": 200 * k,
+                     "heldout": {"model": "generator", "items": 4, "averageWords": 30.0 * k + 12.5, "maxWords": 60 * k,
+                                 "truncated": 1, "answers": []},
                      "quality": {"model": "judge", "mean": 6.5, "scored": 23, "unparsed": 1, "byType": {}}},
     }
 
@@ -80,7 +84,8 @@ def test_report_numbers_are_the_manifests(store):
         assert row["rejected"] == counts.get("rejected", {}) and row["durationSeconds"] == 3.0
     assert doc["lengths"] == {"initialAverage": 80.5, "initialMax": 140, "extendedAverage": 132.5,
                               "extendedMax": 300, "extendedFromAverage": 82.0, "growth": 1.616,
-                              "longenAverage": 111.0, "longenScore": 0.25}
+                              "longenAverage": 111.0, "longenScore": 0.25, "heldoutBefore": 60.0,
+                              "heldoutAfter": 72.5}
     assert doc["training"]["generator"] == {"mode": "lora", "steps": 8, "examples": 14, "firstLoss": 3.25,
                                             "finalLoss": 1.0, "trainSeconds": 11.5, "epochLosses": [4.0, 1.0]}
     assert doc["training"]["extender"]["finalLoss"] == 1.25
@@ -100,8 +105,9 @@ def test_report_numbers_are_the_manifests(store):
     assert "| generator | lora | 8 | 14 | 2 | 4.000 -> 1.000 | 11.5 |" in md
     assert "| extender | lora | 8 | 15 | 3 | 4.500 -> 1.250 | 12.5 |" in md
     assert "score **0.250** on 24 items" in md and "mean **6.50** / 10 on 23 answers (1 without" in md
-    assert "| 1 | 40.5 | 70 | 66.2 | 150 | 55.5 | 0.125 |" in md
-    assert "| 2 | 80.5 | 140 | 132.5 | 300 | 111.0 | 0.250 |" in md
+    assert "| 1 | 40.5 | 70 | 66.2 | 150 | x1.62 | 30.0 | 42.5 | 55.5 | 0.125 |" in md
+    assert "| 2 | 80.5 | 140 | 132.5 | 300 | x1.62 | 60.0 | 72.5 | 111.0 | 0.250 |" in md
+    assert "answered with 60.0 words on average before this iteration's training, 72.5 after it." in md
     assert "![Response length per iteration](lengths.png)" in md
 
 

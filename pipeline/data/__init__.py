@@ -43,3 +43,10 @@ def load_seed_instructions(lang: str, path: str | None = None) -> list[dict]:
 
 def load_longen() -> list[dict]:
     return _read_jsonl(files(__package__).joinpath("LonGen.jsonl").read_text(encoding="utf-8"), "LonGen.jsonl", "query")
+
+
+def load_heldout(languages: list[str] | tuple[str, ...] | None = None) -> list[dict]:
+    """The held-out prompts ({"id", "language", "prompt"}), in file order, of the given languages (default: all)."""
+    rows = _read_jsonl(files(__package__).joinpath("heldout.jsonl").read_text(encoding="utf-8"), "heldout.jsonl",
+                       "prompt")
+    return [r for r in rows if not languages or r["language"] in languages]

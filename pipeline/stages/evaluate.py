@@ -9,6 +9,8 @@ a manifest with the scores (overall, per type, language and range) and the avera
 With evaluate.judge.enabled an LLM judge (any OpenAI-compatible endpoint; the stage's own when judge.endpoint is
 empty) also rates each answer's quality from 1 to 10 (pipeline/judge.py): rows gain quality (None when no score
 could be read), judgeReply and judgeAttempts, and the manifest a `quality` section (mean, per type, counts).
+With evaluate.heldoutItems the Generator also answers the held-out prompts (pipeline/heldout.py): its length after
+this iteration's training, to set against the one respond measured before it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 
 from .. import judge as quality
 from ..data import load_longen
+from ..heldout import measure_heldout
 from ..inference import InferenceClient
 from ..longen import aggregate, score_response, select_items
 from . import StageContext, StageError
@@ -64,6 +67,7 @@ async def _run(ctx: StageContext) -> dict:
             return [row]
 
         await process_shards(ctx, artifacts, chunks(selected, cfg.storage.shard_size), handle, total=len(selected))
+        heldout = await measure_heldout(cfg, client)  # the Generator after this iteration's training
 
     rows = list(artifacts.iter_work())
     artifacts.write_outputs(rows, cfg.storage.shard_size)
@@ -77,6 +81,7 @@ async def _run(ctx: StageContext) -> dict:
         "averageWords": scores["averageWords"],
         "maxWords": max((r["words"] for r in rows), default=0),
         **({"quality": quality.aggregate_quality(rows, judge.model)} if judge.enabled else {}),
+        **({"heldout": heldout} if heldout else {}),
     }
 
 

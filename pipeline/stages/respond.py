@@ -1,10 +1,12 @@
 """Initial responses: the Generator answers each instruction respond.samplesPerInstruction times, each sample
-retried until it passes the response checks; then drop_short over the whole set."""
+retried until it passes the response checks; then drop_short over the whole set. With evaluate.heldoutItems the
+same Generator also answers the held-out prompts (pipeline/heldout.py): its length before this iteration's training."""
 
 from __future__ import annotations
 
 import asyncio
 
+from ..heldout import measure_heldout
 from ..text import count_words
 from . import StageContext
 from .common import (
@@ -56,6 +58,7 @@ async def _run(ctx: StageContext) -> dict:
 
         await process_shards(ctx, artifacts, chunks(upstream.read_outputs(), cfg.storage.shard_size), handle,
                              total=total)
+        heldout = await measure_heldout(cfg, client)  # the Generator before this iteration's training
 
     passed, kept = finalize_with_drop_short(ctx, artifacts, lambda r: r["id"] is not None, "response")
     requests, rejected = work_totals(artifacts)
@@ -75,4 +78,5 @@ async def _run(ctx: StageContext) -> dict:
         },
         "averageWords": words.average,
         "maxWords": words.max,
+        **({"heldout": heldout} if heldout else {}),
     }

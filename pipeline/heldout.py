@@ -1,0 +1,48 @@
+"""The Generator's own answer length on a fixed held-out prompt set (pipeline/data/heldout.jsonl: prompts no stage
+trains on), measured before and after each iteration's training: `respond` asks the Generator it is given (the
+previous iteration's, or the base model in iteration 1) and `evaluate` asks the one trained in this iteration.
+
+Each prompt is asked once with a seed that depends on the run seed and the prompt only, not on the iteration, so
+the two measurements differ by the model alone (and "after iteration k" repeats "before iteration k+1"). The result
+goes into the stage's manifest (no rows: these answers are never training data) and from there into the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from .data import load_heldout
+from .inference import InferenceClient
+from .text import count_words
+
+
+def heldout_prompts(config) -> list[dict]:
+    """The first evaluate.heldoutItems held-out prompts in the run's languages."""
+    return load_heldout(config.languages)[: config.evaluate.heldout_items]
+
+
+def heldout_seed(config, prompt_id: str) -> int:
+    text = f"{config.seed}/heldout/{prompt_id}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+async def measure_heldout(config, client: InferenceClient) -> dict | None:
+    """Ask the Generator every held-out prompt; the words of its answers (None when heldoutItems is 0)."""
+    prompts = heldout_prompts(config)
+    if not prompts:
+        return None
+    ev = config.evaluate
+
+    async def ask(row: dict) -> dict:
+        gen = await client.chat(config.models.generator, [{"role": "user", "content": row["prompt"]}],
+                                config.sampling, max_tokens=ev.heldout_max_tokens or ev.max_tokens,
+                                seed=heldout_seed(config, row["id"]))
+        text = gen.text.strip()
+        return {"id": row["id"], "words": count_words(text), "truncated": gen.finish_reason == "length",
+                "start": text[:160]}
+
+    answers = await asyncio.gather(*(ask(row) for row in prompts))
+    words = [a["words"] for a in answers]
+    return {"model": config.models.generator, "items": len(answers), "averageWords": round(sum(words) / len(words), 1),
+            "maxWords": max(words), "truncated": sum(a["truncated"] for a in answers), "answers": answers}
