@@ -228,7 +228,7 @@ class Local(Model):
 
     affects = NEUTRAL  # port, KV cache, start-up timeout: how the server runs
     # The context length refuses or truncates requests; extra arguments can change anything the server does.
-    affects_fields = {"max_model_len": GENERATING, "extra_args": GENERATING}
+    affects_fields = {"max_model_len": GENERATING, "extra_args": GENERATING, "dtype": GENERATING}
 
     port: int = Field(0, ge=0, le=65535, description="0: pick a free port")
     max_model_len: int = Field(2048, ge=64)
@@ -340,7 +340,9 @@ class Evaluate(Model):
 
     affects = ("evaluate",)
     # Switching evaluation off leaves earlier results as they were (they are only not read): not a change of them.
-    affects_fields = {"enabled": NEUTRAL}
+    # The held-out prompts are answered in respond (before training) and evaluate (after).
+    affects_fields = {"enabled": NEUTRAL, "heldout_items": ("respond", "evaluate"),
+                      "heldout_max_tokens": ("respond", "evaluate")}
 
     enabled: bool = True
     items: int = Field(240, ge=1, le=240, description="LonGen items asked (evenly spread over its groups)")
@@ -354,7 +356,9 @@ class Evaluate(Model):
         description="Held-out prompts (packaged, never trained on) the Generator answers in respond (before this "
         "iteration's training) and in evaluate (after): its own answer length, in the report (0: off)",
     )
-    heldout_max_tokens: int | None = Field(None, ge=1, description="Overrides maxTokens for the held-out answers")
+    heldout_max_tokens: int | None = Field(
+        None, ge=1, description="Overrides sampling.maxTokens for the held-out answers"
+    )
 
 
 DEMAND_TYPES = ("about", "range", "above", "below")

@@ -36,7 +36,7 @@ async def measure_heldout(config, client: InferenceClient) -> dict | None:
 
     async def ask(row: dict) -> dict:
         gen = await client.chat(config.models.generator, [{"role": "user", "content": row["prompt"]}],
-                                config.sampling, max_tokens=ev.heldout_max_tokens or ev.max_tokens,
+                                config.sampling, max_tokens=ev.heldout_max_tokens,
                                 seed=heldout_seed(config, row["id"]))
         text = gen.text.strip()
         return {"id": row["id"], "words": count_words(text), "truncated": gen.finish_reason == "length",

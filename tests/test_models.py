@@ -79,3 +79,19 @@ def test_the_gguf_reader_is_pinned_in_the_extra_of_local_runs():
     # the local (CPU) stack converts GGUF models; cluster images load checkpoints and need no gguf
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert f"gguf=={pins()['gguf']}" in extras["cpu"]
+
+
+def test_training_precision_bf16_is_kept_on_a_cpu_with_bfloat16_instructions(monkeypatch, caplog):
+    pytest.importorskip("torch")
+    import torch
+
+    from selflengthen.pipeline import training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bf16 = parse_config({"training": {"precision": "bf16"}})
+    monkeypatch.setattr(training, "_cpu_has_bf16", lambda: True)
+    assert training._precision(bf16) == (False, "bf16")
+    assert training._precision(parse_config({})) == (False, "fp32")  # auto stays float32 on a CPU
+    monkeypatch.setattr(training, "_cpu_has_bf16", lambda: False)
+    assert training._precision(bf16) == (False, "fp32")
+    assert "without bfloat16 instructions: training in float32" in caplog.text
