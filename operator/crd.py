@@ -252,7 +252,8 @@ def spec_schema() -> dict:
                          "minWords must be at least 2 below maxWords (both bounds are exclusive)",
                          fieldPath=".minWords"))
     _add_rules(props["models"]["properties"]["base"], _rule(
-        "!self.startsWith('tiny://')", "tiny:// models exist on a laptop only: name a real model (e.g. "
+        "!self.startsWith('tiny://') && !self.startsWith('smollm2://') && !self.startsWith('gguf://')",
+        "tiny://, smollm2:// and gguf:// models exist on a laptop only: name a real model (e.g. "
         "Qwen/Qwen2-7B-Instruct)"))
 
     for section in ("inference", "training"):

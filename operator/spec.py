@@ -392,8 +392,8 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
             if section.gpu_resource in getattr(section.resources, kind):
                 errors.append(f"{'inference' if section is cluster.inference else 'training'}.resources.{kind}: "
                               f"must not set {section.gpu_resource} (GPUs follow from the parallelism fields)")
-    if config.models.base.startswith("tiny://"):
-        errors.append("models.base: tiny:// models exist on a laptop only: name a real model")
+    if config.models.base.startswith(("tiny://", "smollm2://", "gguf://")):  # built or converted on this machine
+        errors.append("models.base: tiny://, smollm2:// and gguf:// models exist on a laptop only: name a real model")
     reserved = {OPTIONS[f]["dest"]: owner for f, owner in RESERVED_VLLM_SETTINGS.items()}
     problems = check_extra_args(cluster.inference.extra_args, reserved)
     if problems:
