@@ -14,6 +14,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from .model_refs import check_reference
 from .urls import check_http_url
 from .vllm_flags import check_extra_args, check_positional
 from .yamlfile import YAMLFileError, dump, load_mapping, parse_documents, shorten
@@ -98,8 +99,6 @@ class Models(Model):
     @field_validator("base")
     @classmethod
     def _base_reference(cls, value: str) -> str:
-        from .models import check_reference
-
         return check_reference(value)
 
     @field_validator("endpoint")

