@@ -81,6 +81,15 @@ def test_quick_run_prints_and_writes_every_table_row(tmp_path):
     [hostile] = measured(rows, "hostile input:")  # every input refused, each timed (the corpus and generated ones)
     assert "NOT refused" not in hostile["note"] and len(hostile["details"]["ours"]) > 60
 
+    cluster = measured(rows, "cluster (simulated):")  # tuned and shipped against the bound, reference / tuned
+    assert len(cluster) == 3
+    schedules = cluster[0]["details"]["schedules"]
+    for s in schedules:  # nothing beats the zero-gap bound; every phase took time
+        assert s["seconds"] >= s["boundSeconds"] > 0 and 0 < s["busyFraction"] <= 1
+        assert s["generatedTokens"] > 0 and all(v >= 0 for v in s["phases"].values())
+    ref = schedules[0]
+    assert ref["killedRequests"] > 0 and ref["generatedTokens"] < schedules[1]["generatedTokens"]  # the 95 % kill
+
 
 def test_vllm_client_benchmark_against_the_simulated_server(tmp_path):
     _, rows = run_bench(tmp_path, "--only", "vllm")
@@ -105,6 +114,26 @@ def test_simulated_model_is_deterministic_and_saturates():
     assert generate(m, body, b"") != generate(m, {**body, "seed": 4}, b"")
     text, tokens, _, finish, kind = generate(m, {**body, "max_tokens": 5}, b"")
     assert (tokens, finish, kind) == (5, "length", "respond") and len(text.split()) == 5
+
+
+def test_cluster_model_is_deterministic_and_bounded_by_the_kv_cache():
+    from bench.cluster import Cluster, Replica, Request, Schedule, Workload, macro_iteration
+
+    c = Cluster(kv_tokens=10_000)
+    r = Replica(c)
+    for i in range(10):
+        r.waiting.append(Request(1000, 2000, [], seq=i))
+    r.admit()
+    assert r.running == 3 and r.reserved == 9000 and len(r.waiting) == 7  # the fourth would not fit
+    short = r.step()
+    r.advance(1.0)
+    assert r.step() > short and r.context() > 3000  # the batch reads more KV as it decodes
+    w = Workload(instructions=30, eval_requests=6, train_tokens=1e6)
+    a, b = (macro_iteration(Cluster(), Schedule("x"), w, seed=3) for _ in range(2))
+    assert a == b
+    assert macro_iteration(Cluster(), Schedule("x"), w, seed=4)["seconds"] != a["seconds"]
+    tuned = macro_iteration(Cluster(), Schedule("y", client="adaptive", cached_starts=True, checkpointing=False), w, 3)
+    assert tuned["seconds"] < a["seconds"] and tuned["generatedTokens"] == a["generatedTokens"]
 
 
 def test_table_marks_goals_and_pending_rows():
