@@ -327,6 +327,9 @@ class Judge(Model):
     )
     max_tokens: int = Field(64, ge=1, le=4096, description="Tokens of the judge's answer")
     max_attempts: int = Field(2, ge=1, le=10, description="Asks per answer until the judge's score can be read")
+    rubric: Literal["overall", "seven-criteria"] = Field(
+        "overall", description="LonGen quality: one 1-10 score, or the paper's seven 1-10 criteria (their mean); "
+        "LongBench-Write answers are always rated on LongWriter's six dimensions (S_q)")
 
     @field_validator("endpoint")
     @classmethod
@@ -334,8 +337,22 @@ class Judge(Model):
         return None if value is None else check_http_url(value, "evaluate.judge.endpoint")
 
 
+class LongBenchWrite(Model):
+    """LongBench-Write (LongWriter): length score S_l, and quality S_q when the judge is enabled."""
+
+    enabled: bool = True
+    items: int = Field(120, ge=1, le=120, description="Items asked (evenly spread over the required lengths)")
+
+
+class Ruler(Model):
+    """LongWrite-Ruler (LongWriter): the Generator's maximum output length, asked for 1,000 to 30,000 words."""
+
+    enabled: bool = True
+    items: int = Field(48, ge=1, le=48, description="Prompts asked (evenly spread over the lengths asked for)")
+
+
 class Evaluate(Model):
-    """LonGen length-following evaluation of each iteration's Generator."""
+    """Evaluation of each iteration's Generator: LonGen length following, LongBench-Write, LongWrite-Ruler."""
 
     affects = ("evaluate",)
     # Switching evaluation off leaves earlier results as they were (they are only not read): not a change of them.
@@ -358,6 +375,8 @@ class Evaluate(Model):
     heldout_max_tokens: int | None = Field(
         None, ge=1, description="Overrides sampling.maxTokens for the held-out answers"
     )
+    longbench_write: LongBenchWrite = Field(default_factory=LongBenchWrite)
+    ruler: Ruler = Field(default_factory=Ruler)
 
 
 DEMAND_TYPES = ("about", "range", "above", "below")
@@ -379,6 +398,9 @@ class Collect(Model):
         "or the seed instructions only",
     )
     extend: bool = Field(True, description="Extend each answer once with the Extender")
+    from_iterations: bool = Field(
+        True, description="Add every iteration's (instruction, initial) and (instruction, extended) pairs from its "
+        "extend stage, each with its own true demand (no requests)")
     demand_types: list[Literal["about", "range", "above", "below"]] = Field(
         default_factory=lambda: list(DEMAND_TYPES), min_length=1, max_length=4,
         description="Kinds of length demand added: around N, N-M, more than N, fewer than N words",

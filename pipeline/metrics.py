@@ -103,6 +103,10 @@ class Metrics:
                                         "kind", ["namespace", "kind"], registry=registry)
         self.longen_score = Gauge("selflengthen_longen_score", "LonGen length-following score (type: about, range, "
                                   "above, below, overall)", [*run, "iteration", "type"], registry=registry)
+        self.longbench_score = Gauge("selflengthen_longbench_write_score", "LongBench-Write score, 0-100 (score: sl "
+                                     "length, sq quality)", [*run, "iteration", "score"], registry=registry)
+        self.max_output_length = Gauge("selflengthen_max_output_length", "LongWrite-Ruler: the Generator's longest "
+                                       "answer (LongWriter's length count)", [*run, "iteration"], registry=registry)
 
     # -- process metrics from a finished data stage's manifest ---------------------------------------------------
 
@@ -182,13 +186,20 @@ class Metrics:
                 for kind, score in {"overall": scores.get("overall"), **(scores.get("byType") or {})}.items():
                     if _finite(score):
                         self.longen_score.labels(**labels, type=kind).set(score)
+                lbw = manifest.get("longbenchWrite") or {}
+                for kind in ("sl", "sq"):
+                    score = (lbw.get(kind) or {}).get("overall")
+                    if _finite(score):
+                        self.longbench_score.labels(**labels, score=kind).set(score)
+                if _finite((manifest.get("ruler") or {}).get("maxLength")):
+                    self.max_output_length.labels(**labels).set(manifest["ruler"]["maxLength"])
 
     def forget_run(self, run: str, namespace: str) -> None:
         """Drop a deleted run's series so that they do not linger."""
         self._last_stage.pop((run, namespace), None)
         for metric in (self.run_phase, self.run_stage_started, self.run_iteration, self.run_iterations, self.run_stage,
                        self.iteration_words, self.iteration_accepted, self.iteration_requested, self.iteration_loss,
-                       self.longen_score):
+                       self.longen_score, self.longbench_score, self.max_output_length):
             for labels in [dict(zip(metric._labelnames, values, strict=True)) for values in list(metric._metrics)]:
                 if labels.get("run") == run and labels.get("namespace") == namespace:
                     metric.remove(*labels.values())

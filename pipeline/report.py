@@ -4,8 +4,11 @@ later reader, makes the same one):
     <run>/report/iter-KK.json   counts and acceptance per stage, words of initial vs extended responses, training
                                 loss, LonGen scores (and judge quality), collect; lengths of iterations 1..K
     <run>/report/iter-KK.md     the same as Markdown (what `selflengthen run` prints)
-    <run>/report/lengths.png    response length per iteration, 1..K (matplotlib, when installed)
+    <run>/report/lengths.png    response length per iteration, 1..K (matplotlib, when installed), with the
+                                LongWrite-Ruler maximum output length
     <run>/report/loss.png       training loss of both roles, mean per epoch, iterations 1..K
+    <run>/report/longbench-write.png   LongBench-Write: required against produced length (log-log), a colour per
+                                iteration's Generator
 
 The local runner writes it after each iteration; `selflengthen stage` after every stage it runs, so on a cluster
 the last Job of an iteration leaves the complete report. matplotlib is imported only to draw the plot: the
@@ -28,6 +31,7 @@ log = logging.getLogger("selflengthen.report")
 ITERATION_STAGES = tuple(s for s in STAGES if s not in RUN_STAGES)
 PLOT = "lengths.png"
 LOSS_PLOT = "loss.png"  # the training loss, mean per epoch, of both roles over the iterations
+SCATTER = "longbench-write.png"
 # The plotted series: (key in a history row, legend label, line style: a colour per kind of response, solid for
 # averages, dotted for maxima).
 SERIES = (
@@ -36,8 +40,9 @@ SERIES = (
     ("initialMax", "initial responses, max", "C0:"),
     ("extendedMax", "extended responses, max", "C1:"),
     ("longenAverage", "LonGen answers, average", "C2--"),
-    ("heldoutBefore", "held-out prompts, before training", "C3--"),
-    ("heldoutAfter", "held-out prompts, after training", "C3-"),
+    ("heldoutBefore", "held-out prompts, before training", "C4--"),
+    ("heldoutAfter", "held-out prompts, after training", "C4-"),
+    ("rulerMax", "LongWrite-Ruler, max output (LongWriter's count)", "C3-."),
 )
 
 
@@ -107,6 +112,26 @@ def epoch_losses_of(manifests: dict[str, dict]) -> dict:
             for role in ("generator", "extender")}
 
 
+def benchmarks_of(manifests: dict[str, dict]) -> dict:
+    """The headline benchmark numbers of an iteration's evaluation: LonGen, S_l, S_q, maximum output length."""
+    evaluate = manifests.get("evaluate") or {}
+    if not evaluate.get("enabled", True):
+        evaluate = {}
+    lbw, ruler = evaluate.get("longbenchWrite") or {}, evaluate.get("ruler") or {}
+    return {"longbenchSl": (lbw.get("sl") or {}).get("overall"), "longbenchSq": (lbw.get("sq") or {}).get("overall"),
+            "rulerMax": ruler.get("maxLength")}
+
+
+def longbench_section(evaluate: dict | None) -> tuple[dict | None, dict | None]:
+    """The report's LongBench-Write and LongWrite-Ruler sections of an evaluate manifest (without the points)."""
+    if not evaluate or not evaluate.get("enabled", True):
+        return None, None
+    lbw, ruler = evaluate.get("longbenchWrite"), evaluate.get("ruler")
+    if lbw:
+        lbw = {"model": evaluate.get("model"), **{k: v for k, v in lbw.items() if k != "points"}}
+    return lbw or None, ruler or None
+
+
 def build_report(store: Store, config: RunConfig, iteration: int, *, history_to: int | None = None) -> dict:
     """The report of one iteration (a JSON document); history covers iterations 1..history_to (default: this
     one), stopping at the first iteration that has not started."""
@@ -116,7 +141,7 @@ def build_report(store: Store, config: RunConfig, iteration: int, *, history_to:
         found = manifests if k == iteration else iteration_manifests(store, config, k)
         if not found:
             break
-        history.append({"iteration": k, **lengths_of(found), **epoch_losses_of(found)})
+        history.append({"iteration": k, **lengths_of(found), **epoch_losses_of(found), **benchmarks_of(found)})
     training = {}
     for stage in ("train-generator", "train-extender"):
         m = manifests.get(stage)
@@ -134,6 +159,7 @@ def build_report(store: Store, config: RunConfig, iteration: int, *, history_to:
                   "overall": scores.get("overall"), "byType": scores.get("byType") or {},
                   "byLanguage": scores.get("byLanguage") or {}, "averageWords": evaluate.get("averageWords"),
                   "maxWords": evaluate.get("maxWords"), "quality": evaluate.get("quality")}
+    longbench_write, ruler = longbench_section(evaluate)
     collect = collect_manifest(store, config, iteration)
     stages = {s: stage_row(m) for s, m in manifests.items()}
     if collect:
@@ -149,11 +175,14 @@ def build_report(store: Store, config: RunConfig, iteration: int, *, history_to:
         "lengths": lengths_of(manifests),
         "training": training,
         "longen": longen,
+        "longbenchWrite": longbench_write,
+        "ruler": ruler,
         "collect": None if collect is None else {
             "requested": (collect.get("counts") or {}).get("requested"),
             "accepted": (collect.get("counts") or {}).get("accepted"),
             "extended": (collect.get("counts") or {}).get("extended"),
             "byType": collect.get("byType") or {}, "byLanguage": collect.get("byLanguage") or {},
+            "bySource": collect.get("bySource") or {},
             "averageWordsInitial": collect.get("averageWordsInitial"), "averageWords": collect.get("averageWords"),
             "maxWords": collect.get("maxWords"), "output": collect.get("output"),
         },
@@ -217,12 +246,15 @@ def render_markdown(report: dict) -> str:
             lines.append("")
             lines.append(f"Judge quality ({q['model']}): mean **{_fmt(q['mean'], 2)}** / 10 on {q['scored']} answers"
                          + (f" ({q['unparsed']} without a readable score)." if q["unparsed"] else "."))
+    lines += longbench_markdown(report.get("longbenchWrite"), report.get("ruler"))
     c = report["collect"]
     if c:
         types = ", ".join(f"{t} {v}" for t, v in sorted(c["byType"].items())) or "-"
         lines += ["", "## Collect", "", f"{_fmt(c['accepted'])} of {_fmt(c['requested'])} pairs kept "
                   f"({_fmt(c['extended'])} extended), average {_fmt(c['averageWords'])} words, max "
-                  f"{_fmt(c['maxWords'])}; length demands: {types}. SFT data: `{c['output']}`."]
+                  f"{_fmt(c['maxWords'])}; length demands: {types}"
+                  + (f"; sources: {', '.join(f'{s} {n}' for s, n in c['bySource'].items())}"
+                     if c.get("bySource") else "") + f". SFT data: `{c['output']}`."]
     if ln.get("heldoutBefore") is not None or ln.get("heldoutAfter") is not None:
         lines += ["", f"Held-out prompts (never trained on): the Generator answered with {_fmt(ln['heldoutBefore'])} "
                       f"words on average before this iteration's training, {_fmt(ln['heldoutAfter'])} after it."]
@@ -237,11 +269,46 @@ def render_markdown(report: dict) -> str:
                      f"| {_fmt(h['extendedAverage'])} | {_fmt(h['extendedMax'])} | {growth} "
                      f"| {_fmt(h.get('heldoutBefore'))} | {_fmt(h.get('heldoutAfter'))} | {_fmt(h['longenAverage'])} "
                      f"| {_fmt(h['longenScore'], 3)} |")
+    if any(h.get(key) is not None for h in report["history"] for key in ("longbenchSl", "rulerMax")):
+        lines += ["", "## Benchmarks per iteration", "",
+                  "| iteration | LonGen score | LongBench-Write S_l | S_q | max output length |",
+                  "|---:|---:|---:|---:|---:|"]
+        for h in report["history"]:
+            lines.append(f"| {h['iteration']} | {_fmt(h['longenScore'], 3)} | {_fmt(h.get('longbenchSl'))} "
+                         f"| {_fmt(h.get('longbenchSq'))} | {_fmt(h.get('rulerMax'))} |")
     if report.get("plot"):
         lines += ["", f"![Response length per iteration]({PLOT})"]
     if report.get("lossPlot"):
         lines += ["", f"![Training loss per epoch]({LOSS_PLOT})"]
+    if report.get("scatter"):
+        lines += ["", f"![LongBench-Write: required against produced length]({SCATTER})"]
     return "\n".join(lines) + "\n"
+
+
+def longbench_markdown(lbw: dict | None, ruler: dict | None) -> list[str]:
+    lines = []
+    if lbw:
+        sl = lbw.get("sl") or {}
+        langs = ", ".join(f"{k} {_fmt(v)}" for k, v in (sl.get("byLanguage") or {}).items()) or "-"
+        lines += ["", "## LongBench-Write", "",
+                  f"Length score S_l **{_fmt(sl.get('overall'))}** / 100 on {_fmt(lbw.get('items'))} items (by "
+                  f"language: {langs}); answers average {_fmt(lbw.get('averageLength'))}, max "
+                  f"{_fmt(lbw.get('maxLength'))}. Lengths are LongWriter's count (Chinese characters + English "
+                  "words), not the word count of the other sections.", ""]
+        buckets = sl.get("byBucket") or {}
+        lines += ["| required length | " + " | ".join(buckets) + " |", "|---|" + "---:|" * len(buckets),
+                  "| S_l | " + " | ".join(_fmt(v) for v in buckets.values()) + " |"]
+        sq = lbw.get("sq")
+        if sq:
+            dims = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in (sq.get("dimensions") or {}).items()) or "-"
+            lines += ["", f"Quality S_q ({sq['model']}, six dimensions rated 1-5, x20): **{_fmt(sq['overall'])}** "
+                          f"on {sq['scored']} answers ({dims}); S = (S_l + S_q) / 2 = **{_fmt(lbw.get('s'))}**."]
+    if ruler:
+        per = ", ".join(f"{k}: {_fmt(v['max'])}" for k, v in (ruler.get("byRequired") or {}).items()) or "-"
+        lines += ["", "## LongWrite-Ruler", "",
+                  f"Maximum output length **{_fmt(ruler.get('maxLength'))}** (LongWriter's count) over "
+                  f"{_fmt(ruler.get('items'))} prompts; the longest answer per length asked for: {per}."]
+    return lines
 
 
 # -- plot -----------------------------------------------------------------------------------------------------
@@ -316,16 +383,63 @@ def loss_figure(history: list[dict]):
     return fig
 
 
-def plot_png(history: list[dict], figure=None) -> bytes | None:
-    """The PNG of length_figure (or `figure`); None when matplotlib is not installed (the operator image)."""
+def scatter_figure(points: dict[str, list[list]]):
+    """LongBench-Write as LongWriter draws it: required against produced length, both axes logarithmic, with the
+    line y = x; a colour per model (label -> [required, produced, language] points; zero lengths left out)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    low, high = 100.0, 1000.0
+    for i, (label, pts) in enumerate(points.items()):
+        drawn = [(p[0], p[1]) for p in pts if p[0] > 0 and p[1] > 0]
+        if not drawn:
+            continue
+        ax.scatter([p[0] for p in drawn], [p[1] for p in drawn], s=14, alpha=0.7, color=f"C{i % 10}", label=label,
+                   gid=label)
+        low = min(low, *(min(p) for p in drawn))
+        high = max(high, *(max(p) for p in drawn))
+    ax.plot([low, high], [low, high], "k--", linewidth=0.8, label="produced = required")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("required length")
+    ax.set_ylabel("produced length (LongWriter's count)")
+    ax.set_title("LongBench-Write: required vs produced length")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _png(make, *args) -> bytes | None:
+    """The PNG of a figure; None when matplotlib is not installed (the operator image)."""
     try:
-        fig = (figure or length_figure)(history)
+        fig = make(*args)
     except ImportError:
         log.info("matplotlib is not installed: the report has no plot (pip install 'selflengthen[train]')")
         return None
     out = io.BytesIO()
     fig.savefig(out, format="png")
     return out.getvalue()
+
+
+def plot_png(history: list[dict], figure=None) -> bytes | None:
+    """The PNG of length_figure (or `figure`) of the history; None without matplotlib."""
+    return _png(figure or length_figure, history)
+
+
+def scatter_points(store: Store, config: RunConfig, last: int) -> dict[str, list[list]]:
+    """The LongBench-Write points of every evaluated iteration 1..last, by model label."""
+    points = {}
+    for k in range(1, last + 1):
+        evaluate = StageArtifacts(store, config.name, k, "evaluate")
+        if evaluate.done():
+            found = (evaluate.manifest().get("longbenchWrite") or {}).get("points")
+            if found:
+                points[f"iteration {k}"] = found
+    return points
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
@@ -353,6 +467,9 @@ def write_report(store: Store, config: RunConfig, iteration: int) -> dict:
     has_loss = any(loss_series(history).values())
     loss_png = plot_png(history, loss_figure) if png is not None and has_loss else None
     report["lossPlot"] = report_key(config.name, LOSS_PLOT) if loss_png is not None else None
+    points = scatter_points(store, config, last)
+    scatter = _png(scatter_figure, points) if points else None
+    report["scatter"] = report_key(config.name, SCATTER) if scatter is not None else None
     name = f"iter-{iteration:02d}"
     markdown = render_markdown(report)
     write_json(store, report_key(config.name, f"{name}.json"), report)
@@ -361,9 +478,12 @@ def write_report(store: Store, config: RunConfig, iteration: int) -> dict:
         store.write(report_key(config.name, PLOT), png)
     if loss_png is not None:
         store.write(report_key(config.name, LOSS_PLOT), loss_png)
+    if scatter is not None:
+        store.write(report_key(config.name, SCATTER), scatter)
     return {**report, "markdown": markdown,
             "keys": [report_key(config.name, f"{name}.{ext}") for ext in ("json", "md")]
-            + ([report["plot"]] if png is not None else []) + ([report["lossPlot"]] if loss_png is not None else [])}
+            + ([report["plot"]] if png is not None else []) + ([report["lossPlot"]] if loss_png is not None else [])
+            + ([report["scatter"]] if scatter is not None else [])}
 
 
 def refresh_report(store: Store, config: RunConfig, iteration: int) -> dict | None:

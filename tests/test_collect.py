@@ -193,3 +193,45 @@ def test_disabled_collect_does_nothing(tmp_path):
     ctx = collect_ctx(tmp_path, "http://127.0.0.1:9/v1")
     ctx.config = ctx.config.model_copy(update={"collect": ctx.config.collect.model_copy(update={"enabled": False})})
     assert run_stage("collect", ctx)["enabled"] is False
+
+
+def test_collect_draws_every_iterations_pairs_with_true_demands(tmp_path, server):
+    """Each iteration's kept (initial, extended) pairs join the final models' answers, each text with its own true
+    demand; an instruction that demands a length itself and a language not collected are left out."""
+    ctx = collect_ctx(tmp_path, server.endpoint, items=8, languages=["en"])
+    ctx.config = ctx.config.model_copy(update={"iterations": 2})
+    ctx.iteration = 2
+    for stage in ("train-generator", "train-extender"):
+        ctx.artifacts(stage).finish({})
+    made = {}
+    for k in (1, 2):
+        rows = [{"id": f"r{k}{i}-a0", "responseId": f"r{k}{i}", "language": "en",
+                 "instruction": f"Write a story about winter number {i}.", "initial": text_for(k * 10 + i, 20, False),
+                 "extended": text_for(k * 100 + i, 40 + 10 * k, False), "initialWords": 20, "words": 40 + 10 * k}
+                for i in range(3)]
+        rows.append({**rows[0], "id": f"own{k}", "instruction": "Describe a city at night in 300 words."})
+        rows.append({**rows[1], "id": f"zh{k}", "language": "zh"})
+        extend = ctx.artifacts("extend", iteration=k)
+        ctx.store.write(extend.key("part-00000.jsonl"), dumps_jsonl(rows))
+        extend.finish({"counts": {"accepted": len(rows)}})
+        made[k] = rows
+    manifest = run_stage("collect", ctx)
+    rows = list(ctx.artifacts("collect").read_outputs())
+    earlier = [r for r in rows if r["source"] != "final"]
+    assert {r["source"] for r in rows} == {"final", "iteration-1", "iteration-2"}
+    assert len(earlier) == 2 * 2 * 3 == manifest["counts"]["fromIterations"]  # 2 iterations x 3 rows x 2 texts
+    assert manifest["counts"]["iterationsLeftOut"] == {"own-length": 4}  # zh is not collected: never a candidate
+    assert manifest["bySource"] == {"final": manifest["counts"]["final"], "iteration-1": 6, "iteration-2": 6}
+    assert manifest["counts"]["accepted"] == len(rows) == manifest["counts"]["final"] + 12
+    texts = {(r["source"], r["messages"][1]["content"]) for r in earlier}
+    for k, extend_rows in made.items():
+        for row in extend_rows[:3]:
+            assert (f"iteration-{k}", row["initial"]) in texts and (f"iteration-{k}", row["extended"]) in texts
+    for row in earlier:
+        user, assistant = row["messages"]
+        demand = demand_of(user["content"])
+        assert demand_holds(demand, count_words(assistant["content"])) and row["language"] == "en"
+        assert row["extended"] == (count_words(assistant["content"]) > 20)
+        assert "300 words" not in user["content"]
+    # resumed: the same rows
+    assert run_stage("collect", ctx) == manifest

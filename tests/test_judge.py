@@ -88,7 +88,8 @@ def evaluate_ctx(tmp_path, stage_endpoint: str, **judge) -> StageContext:
         "name": "judged", "iterations": 1, "seed": 3,
         "client": {"concurrency": 4, "deadlineSeconds": 10, "backoffSeconds": 0.01},
         "storage": {"uri": f"file://{tmp_path}/store", "shardSize": 4},
-        "evaluate": {"items": 12, "judge": {"enabled": True, **judge}},
+        "evaluate": {"items": 12, "judge": {"enabled": True, **judge}, "longbenchWrite": {"enabled": False},
+                     "ruler": {"enabled": False}},
     })
     ctx = StageContext(config=config, iteration=1, store=LocalStore(tmp_path / "store"), endpoint=stage_endpoint)
     ctx.artifacts("train-generator").finish({})
@@ -158,7 +159,8 @@ def test_missing_key_variable_fails_the_stage_naming_the_field(tmp_path, monkeyp
 def test_judge_is_off_by_default(tmp_path):
     with ChatServer(answer) as server:
         config = parse_config({"name": "plain", "iterations": 1, "storage": {"uri": f"file://{tmp_path}/s"},
-                               "evaluate": {"items": 4}})
+                               "evaluate": {"items": 4, "longbenchWrite": {"enabled": False},
+                                            "ruler": {"enabled": False}}})
         ctx = StageContext(config=config, iteration=1, store=LocalStore(tmp_path / "s"), endpoint=server.endpoint)
         ctx.artifacts("train-generator").finish({})
         manifest = run_stage("evaluate", ctx)

@@ -102,7 +102,7 @@ def test_dashboard_is_backed_by_real_series(prometheus, vllm_endpoint, tmp_path)
             "filters": {"checkEnding": False, "checkMeta": False},
             "storage": {"uri": f"file://{tmp_path}", "shardSize": 4},
             "training": {"maxSteps": 2, "cutoffTokens": 512},
-            "evaluate": {"items": 4, "maxTokens": 32},
+            "evaluate": {"items": 4, "maxTokens": 32, "longbenchWrite": {"items": 2}, "ruler": {"items": 2}},
             "local": {"startupTimeoutSeconds": 600},
         })
         # A failed attempt first (respond before its input exists), as the failures panel needs one.

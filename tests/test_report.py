@@ -47,7 +47,18 @@ def manifests(k: int) -> dict[str, dict]:
                      "averageWords": 55.5 * k, "maxWords": 200 * k,
                      "heldout": {"model": "generator", "items": 4, "averageWords": 30.0 * k + 12.5, "maxWords": 60 * k,
                                  "truncated": 1, "answers": []},
-                     "quality": {"model": "judge", "mean": 6.5, "scored": 23, "unparsed": 1, "byType": {}}},
+                     "quality": {"model": "judge", "mean": 6.5, "scored": 23, "unparsed": 1, "byType": {}},
+                     "longbenchWrite": {
+                         "items": 3, "count": "longwriter", "averageLength": 100.0 * k, "maxLength": 200 * k,
+                         "sl": {"overall": 20.0 * k, "byLanguage": {"en": 25.0 * k, "zh": 10.0 * k},
+                                "byBucket": {"0-500": 30.0 * k, "4k+": 5.0 * k}},
+                         "sq": {"model": "judge", "overall": 60.0, "scored": 3, "unparsed": 0, "byLanguage": {},
+                                "dimensions": {"relevance": 3.5}},
+                         "s": 40.0 + 10 * k,
+                         "points": [[100, 50 * k, "en"], [400, 100 * k, "en"], [5000, 200 * k, "zh"]]},
+                     "ruler": {"items": 6, "count": "longwriter", "maxLength": 500 * k, "averageLength": 120.0,
+                               "byRequired": {"1000": {"average": 200.0, "max": 300}, "30000": {"average": 90.0,
+                                                                                               "max": 500 * k}}}},
     }
 
 
@@ -109,6 +120,32 @@ def test_report_numbers_are_the_manifests(store):
     assert "| 2 | 80.5 | 140 | 132.5 | 300 | x1.62 | 60.0 | 72.5 | 111.0 | 0.250 |" in md
     assert "answered with 60.0 words on average before this iteration's training, 72.5 after it." in md
     assert "![Response length per iteration](lengths.png)" in md
+    # LongBench-Write and the ruler: the manifest's numbers, the count named, a row per iteration
+    assert doc["longbenchWrite"]["sl"] == made["evaluate"]["longbenchWrite"]["sl"]
+    assert "points" not in doc["longbenchWrite"] and doc["ruler"]["maxLength"] == 1000
+    assert "Length score S_l **40.0** / 100 on 3 items (by language: en 50.0, zh 20.0)" in md
+    assert "LongWriter's count" in md and "| S_l | 60.0 | 10.0 |" in md
+    assert "Quality S_q (judge, six dimensions rated 1-5, x20): **60.0** on 3 answers (relevance 3.50)" in md
+    assert "S = (S_l + S_q) / 2 = **60.0**" in md
+    assert "Maximum output length **1000** (LongWriter's count) over 6 prompts" in md
+    assert "| 1 | 0.125 | 20.0 | 60.0 | 500 |" in md and "| 2 | 0.250 | 40.0 | 60.0 | 1000 |" in md
+    assert [(h["longbenchSl"], h["rulerMax"]) for h in doc["history"]] == [(20.0, 500), (40.0, 1000)]
+
+
+def test_longbench_scatter_is_log_log_with_a_colour_per_iteration(store):
+    cfg = config()
+    for k in (1, 2):
+        fill(store, cfg, k)
+    out = rep.write_report(store, cfg, 2)
+    assert store.read("rep/report/longbench-write.png").startswith(PNG_SIGNATURE) and out["scatter"] in out["keys"]
+    assert "![LongBench-Write: required against produced length](longbench-write.png)" in out["markdown"]
+    points = rep.scatter_points(store, cfg, 2)
+    assert points == {f"iteration {k}": manifests(k)["evaluate"]["longbenchWrite"]["points"] for k in (1, 2)}
+    ax = rep.scatter_figure(points).axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    drawn = {c.get_gid(): c.get_offsets().tolist() for c in ax.collections}
+    assert drawn == {"iteration 1": [[100, 50], [400, 100], [5000, 200]],
+                     "iteration 2": [[100, 100], [400, 200], [5000, 400]]}
 
 
 def test_plot_is_a_png_with_one_point_per_iteration(store):

@@ -1,4 +1,5 @@
-"""Packaged data: seed instructions and the LonGen benchmark (see README.md here for source and license)."""
+"""Packaged data: seed instructions and the LonGen, LongBench-Write and LongWrite-Ruler benchmarks (see README.md
+here for their sources and licenses)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,21 @@ def load_heldout(languages: list[str] | tuple[str, ...] | None = None) -> list[d
     rows = _read_jsonl(files(__package__).joinpath("heldout.jsonl").read_text(encoding="utf-8"), "heldout.jsonl",
                        "prompt")
     return [r for r in rows if not languages or r["language"] in languages]
+
+
+def _load_length_benchmark(name: str) -> list[dict]:
+    rows = _read_jsonl(files(__package__).joinpath(name).read_text(encoding="utf-8"), name, "prompt")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row.get("length"), int) or row["length"] <= 0:
+            raise ValueError(f"{name} row {number}: a positive integer 'length' wanted")
+    return rows
+
+
+def load_longbench_write() -> list[dict]:
+    """LongBench-Write (LongWriter): {prompt, type (genre), length (required length)}, 120 rows."""
+    return _load_length_benchmark("longbench_write.jsonl")
+
+
+def load_longwrite_ruler() -> list[dict]:
+    """LongWrite-Ruler (LongWriter): {prompt, type, length (1,000 to 30,000 asked for)}, 48 rows."""
+    return _load_length_benchmark("longwrite_ruler.jsonl")

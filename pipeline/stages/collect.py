@@ -1,5 +1,6 @@
-"""Collect, the method's optional last step (README.md, "The pipeline"): more (instruction, long response) pairs
-from the final models, each instruction given a length demand that its response meets, exported as SFT data.
+"""Collect, the method's optional last step (README.md, "The pipeline"): (instruction, long response) pairs from every
+iteration and from the final models, each instruction given a length demand that its response meets, exported as
+SFT data (the length-following stage trains on it).
 
 Run once, after the last iteration (`selflengthen stage collect --iteration N`, N = iterations): the Generator of
 iteration N answers collect.items instructions (the last iteration's self-instruct outputs, or the seeds), each
@@ -8,8 +9,12 @@ micro-iteration of the extend stage). Each kept answer of W words gets a demand 
 its numbers derived from W so that it holds (longen.true_demand), phrased by a seeded pick among the templates in
 prompts/<lang>/length_demands.txt, and checked by parsing it back (longen.parse_length_demand).
 
+With collect.fromIterations (default) the pairs each iteration already made join them, as the reference collects
+them: every kept extend row of iterations 1..N gives two, (instruction, initial answer) and (instruction, extended
+answer), each with its own true demand (no request is made for them; `source` says where a row comes from).
+
 Layout: <run>/collect/work/part-*.jsonl (resume), <run>/collect/part-*.jsonl (rows {id, language, messages:
-[user, assistant], demand, words, extended}: the messages format of build-sft), manifest.json, _SUCCESS.
+[user, assistant], demand, words, extended, source}: the messages format of build-sft), manifest.json, _SUCCESS.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import Counter
+from collections.abc import Iterator
 
 from .. import prompts
 from ..data import load_seed_instructions
@@ -73,6 +79,49 @@ def instruction_pool(ctx: StageContext, lang: str) -> list[str]:
             raise StageError(f"{NAME}: {err} (selfInstruct.seedFile)") from None
     unique = dict.fromkeys(t.strip() for t in texts if t.strip() and not has_own_length(t))
     return sorted(unique, key=lambda t: ctx.seed(NAME, "order", lang, t))
+
+
+def with_demand(ctx: StageContext, item_id: str, lang: str, instruction: str, text: str) -> dict | None:
+    """The SFT row of (instruction, text) with a true length demand of a seeded kind written into the instruction;
+    None when the text is too short for one or no phrasing says it exactly."""
+    col = ctx.config.collect
+    words = count_words(text)
+    if words < col.min_words:
+        return None
+    kind = col.demand_types[ctx.seed(NAME, item_id, "type") % len(col.demand_types)]
+    demand = true_demand(words, kind)
+    user = phrase_demand(ctx, item_id, lang, instruction, demand)
+    if user is None:
+        return None
+    return {"id": item_id, "language": lang, "messages": [{"role": "user", "content": user},
+                                                          {"role": "assistant", "content": text}],
+            "demand": {"type": demand.kind, "low": demand.low, "high": demand.high}, "words": words}
+
+
+def iteration_pairs(ctx: StageContext, tally_: Counter) -> Iterator[dict]:
+    """The (instruction, initial) and (instruction, extended) pairs of every iteration's kept extend rows, with
+    true demands, in the collect languages; instructions that demand a length of their own are left out.
+    tally_ counts the candidates and why some were left out."""
+    cfg = ctx.config
+    languages = set(cfg.collect.languages or cfg.languages)
+    for k in range(1, cfg.iterations + 1):
+        extend = ctx.artifacts("extend", iteration=k)
+        if not extend.done():
+            continue
+        for row in extend.read_outputs():
+            lang = row.get("language")
+            if lang not in languages:
+                continue
+            for which, text, extended in (("initial", row["initial"], False), ("extended", row["extended"], True)):
+                tally_["candidates"] += 1
+                if has_own_length(row["instruction"]):
+                    tally_["own-length"] += 1
+                    continue
+                out = with_demand(ctx, f"i{k:02d}-{row['id']}-{which}", lang, row["instruction"], text.strip())
+                if out is None:
+                    tally_["short-or-demand"] += 1
+                    continue
+                yield {**out, "extended": extended, "source": f"iteration-{k}"}
 
 
 def run(ctx: StageContext) -> dict:
@@ -177,26 +226,32 @@ async def _run(ctx: StageContext) -> dict:
 
         await process_shards(ctx, artifacts, chunks(slots, cfg.storage.shard_size), handle, total=len(slots))
 
-    keys = ("id", "language", "messages", "demand", "words", "extended")
-    accepted = artifacts.write_outputs(({k: r[k] for k in keys} for r in artifacts.iter_work() if r["id"]),
-                                       cfg.storage.shard_size)
+    keys = ("id", "language", "messages", "demand", "words", "extended", "source")
     work = list(artifacts.iter_work())
-    kept = [r for r in work if r["id"]]
+    kept = [{**r, "source": "final"} for r in work if r["id"]]
+    from_iterations: Counter = Counter()
+    earlier = list(iteration_pairs(ctx, from_iterations)) if col.from_iterations else []
+    everything = kept + earlier
+    accepted = artifacts.write_outputs(({k: r[k] for k in keys} for r in everything), cfg.storage.shard_size)
     return {
         "enabled": True,
         "models": {"generator": cfg.models.generator, "extender": cfg.models.extender if col.extend else None},
         "counts": {
-            "requested": len(slots),
+            "requested": len(slots) + from_iterations["candidates"],
             "accepted": accepted,
-            "failed": len(slots) - accepted,
-            "extended": sum(1 for r in kept if r["extended"]),
+            "failed": len(slots) - len(kept),
+            "extended": sum(1 for r in everything if r["extended"]),
             "requests": sum(r["requests"] for r in work),
             "rejected": dict(tally(work)),
+            "final": len(kept),
+            "fromIterations": len(earlier),
+            "iterationsLeftOut": {k: v for k, v in from_iterations.items() if k != "candidates"},
         },
-        "byType": dict(Counter(r["demand"]["type"] for r in kept)),
-        "byLanguage": dict(Counter(r["language"] for r in kept)),
+        "bySource": dict(Counter(r["source"] for r in everything)),
+        "byType": dict(Counter(r["demand"]["type"] for r in everything)),
+        "byLanguage": dict(Counter(r["language"] for r in everything)),
         "averageWordsInitial": average([r["initialWords"] for r in kept]),
-        "averageWords": average([r["words"] for r in kept]),
-        "maxWords": max((r["words"] for r in kept), default=0),
+        "averageWords": average([r["words"] for r in everything]),
+        "maxWords": max((r["words"] for r in everything), default=0),
         "output": f"{artifacts.prefix}/",
     }
