@@ -417,6 +417,16 @@ class Collect(Model):
         return value
 
 
+class LengthFollowing(Model):
+    """The method's last step: the final Generator fine-tuned to follow length demands, on collect's data mixed
+    with the last iteration's Generator set (so that answers to queries without a demand do not drift); then
+    evaluated like every iteration's Generator."""
+
+    enabled: bool = Field(False, description="Train (and evaluate) the length-following model; needs collect.enabled")
+    generator_set_fraction: float = Field(
+        1.0, ge=0, le=1, description="Share of the last iteration's Generator set (build-sft) mixed in, seeded")
+
+
 class RunConfig(Model):
     """A whole Self-Lengthen run."""
 
@@ -441,6 +451,13 @@ class RunConfig(Model):
     training: Training = Field(default_factory=Training)
     evaluate: Evaluate = Field(default_factory=Evaluate)
     collect: Collect = Field(default_factory=Collect)
+    length_following: LengthFollowing = Field(default_factory=LengthFollowing)
+
+    @model_validator(mode="after")
+    def _length_following_needs_collect(self) -> RunConfig:
+        if self.length_following.enabled and not self.collect.enabled:
+            raise ValueError("lengthFollowing.enabled: trains on collect's data, so collect.enabled must be true")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -64,13 +64,39 @@ def iteration_manifests(store: Store, config: RunConfig, iteration: int) -> dict
     return found
 
 
-def collect_manifest(store: Store, config: RunConfig, iteration: int) -> dict | None:
-    """The collect stage's manifest when it ran on this iteration's models."""
-    artifacts = RunArtifacts(store, config.name, iteration, "collect")
+def collect_manifest(store: Store, config: RunConfig, iteration: int, stage: str = "collect") -> dict | None:
+    """A run-level stage's manifest (collect, the length-following ones) when it ran on this iteration's models."""
+    artifacts = RunArtifacts(store, config.name, iteration, stage)
     if not artifacts.done():
         return None
     manifest = artifacts.manifest()
     return manifest if manifest.get("iteration") == iteration and manifest.get("enabled", True) else None
+
+
+def headline(evaluate: dict | None) -> dict:
+    """An evaluation's numbers that the length-following comparison puts side by side."""
+    evaluate = evaluate or {}
+    scores = evaluate.get("scores") or {}
+    lbw = evaluate.get("longbenchWrite") or {}
+    return {"longen": scores.get("overall"), "byType": scores.get("byType") or {},
+            "byLanguage": scores.get("byLanguage") or {}, "longenAverageWords": evaluate.get("averageWords"),
+            "sl": (lbw.get("sl") or {}).get("overall"), "sq": (lbw.get("sq") or {}).get("overall"),
+            "maxOutputLength": (evaluate.get("ruler") or {}).get("maxLength")}
+
+
+def length_following_section(store: Store, config: RunConfig, iteration: int, before: dict | None) -> dict | None:
+    """The length-following step of the last iteration: its training, and its model's evaluation beside the
+    iteration's Generator's (LonGen per type and per language, S_l, S_q, maximum output length)."""
+    train = collect_manifest(store, config, iteration, "train-length-following")
+    if train is None:
+        return None
+    after = collect_manifest(store, config, iteration, "evaluate-length-following")
+    return {"training": {"mode": train.get("mode"), "steps": train.get("steps"),
+                         "examples": (train.get("counts") or {}).get("accepted"),
+                         "examplesBySource": train.get("examplesBySource") or {}, "firstLoss": train.get("firstLoss"),
+                         "finalLoss": train.get("finalLoss"), "trainSeconds": train.get("trainSeconds")},
+            "before": headline(before) if before and before.get("enabled", True) else None,
+            "after": headline(after) if after else None}
 
 
 def _rate(accepted: object, requested: object) -> float | None:
@@ -164,6 +190,10 @@ def build_report(store: Store, config: RunConfig, iteration: int, *, history_to:
     stages = {s: stage_row(m) for s, m in manifests.items()}
     if collect:
         stages["collect"] = stage_row(collect)
+    for stage in ("train-length-following", "evaluate-length-following"):
+        if (found := collect_manifest(store, config, iteration, stage)) is not None:
+            stages[stage] = stage_row(found)
+    length_following = length_following_section(store, config, iteration, evaluate)
     expected = expected_stages(config)
     return {
         "run": config.name,
@@ -177,6 +207,7 @@ def build_report(store: Store, config: RunConfig, iteration: int, *, history_to:
         "longen": longen,
         "longbenchWrite": longbench_write,
         "ruler": ruler,
+        "lengthFollowing": length_following,
         "collect": None if collect is None else {
             "requested": (collect.get("counts") or {}).get("requested"),
             "accepted": (collect.get("counts") or {}).get("accepted"),
@@ -247,6 +278,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"Judge quality ({q['model']}): mean **{_fmt(q['mean'], 2)}** / 10 on {q['scored']} answers"
                          + (f" ({q['unparsed']} without a readable score)." if q["unparsed"] else "."))
     lines += longbench_markdown(report.get("longbenchWrite"), report.get("ruler"))
+    lines += length_following_markdown(report.get("lengthFollowing"))
     c = report["collect"]
     if c:
         types = ", ".join(f"{t} {v}" for t, v in sorted(c["byType"].items())) or "-"
@@ -283,6 +315,36 @@ def render_markdown(report: dict) -> str:
     if report.get("scatter"):
         lines += ["", f"![LongBench-Write: required against produced length]({SCATTER})"]
     return "\n".join(lines) + "\n"
+
+
+def length_following_markdown(lf: dict | None) -> list[str]:
+    if not lf:
+        return []
+    tr = lf["training"]
+    sources = ", ".join(f"`{s}` {n}" for s, n in tr["examplesBySource"].items()) or "-"
+    lines = ["", "## Length following", "",
+             f"The last Generator fine-tuned on collect's length demands mixed with its Generator set: "
+             f"{_fmt(tr['examples'])} examples ({sources}), {_fmt(tr['steps'])} steps ({_fmt(tr['mode'])}), loss "
+             f"{_fmt(tr['firstLoss'], 3)} -> {_fmt(tr['finalLoss'], 3)}, {_fmt(tr['trainSeconds'])} s."]
+    before, after = lf["before"] or {}, lf["after"] or {}
+    if not after:
+        return lines + ["", "Its evaluation has not run (evaluate.enabled, evaluate-length-following)."]
+    rows = [("LonGen score", "longen", None, 3)]
+    rows += [(f"LonGen {k}", "byType", k, 3) for k in dict.fromkeys([*before.get("byType", {}), *after["byType"]])]
+    rows += [(f"LonGen {k}", "byLanguage", k, 3)
+             for k in dict.fromkeys([*before.get("byLanguage", {}), *after["byLanguage"]])]
+    rows += [("LonGen answers, average words", "longenAverageWords", None, 1),
+             ("LongBench-Write S_l", "sl", None, 1), ("LongBench-Write S_q", "sq", None, 1),
+             ("max output length (LongWriter's count)", "maxOutputLength", None, 1)]
+    lines += ["", "| | before (last iteration's Generator) | after (length-following) |", "|---|---:|---:|"]
+    for label, key, sub, digits in rows:
+        b, a = before.get(key), after.get(key)
+        if sub is not None:
+            b, a = (b or {}).get(sub), (a or {}).get(sub)
+        if b is None and a is None:
+            continue
+        lines.append(f"| {label} | {_fmt(b, digits)} | {_fmt(a, digits)} |")
+    return lines
 
 
 def longbench_markdown(lbw: dict | None, ruler: dict | None) -> list[str]:
@@ -439,6 +501,11 @@ def scatter_points(store: Store, config: RunConfig, last: int) -> dict[str, list
             found = (evaluate.manifest().get("longbenchWrite") or {}).get("points")
             if found:
                 points[f"iteration {k}"] = found
+    final = RunArtifacts(store, config.name, last, "evaluate-length-following")
+    if last == config.iterations and final.done():
+        found = (final.manifest().get("longbenchWrite") or {}).get("points")
+        if found:
+            points["length-following"] = found
     return points
 
 

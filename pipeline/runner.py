@@ -30,16 +30,19 @@ log = logging.getLogger("selflengthen.runner")
 
 
 # Which served models a generating stage talks to. Data stages use the models of the previous iteration (the base
-# model in iteration 1); evaluate and collect use the models trained in this iteration. Others need no server.
+# model in iteration 1); evaluate and collect use the models trained in this iteration; evaluate-length-following
+# the length-following model, served as the Generator. Others need no server.
 STAGE_ROLES = {"self-instruct": ("generator",), "respond": ("generator",), "extend": ("extender",),
-               "evaluate": ("generator",), "collect": ("generator", "extender")}
-CURRENT_MODEL_STAGES = ("evaluate", "collect")
+               "evaluate": ("generator",), "collect": ("generator", "extender"),
+               "evaluate-length-following": ("generator",)}
+CURRENT_MODEL_STAGES = ("evaluate", "collect", "evaluate-length-following")
+EVALUATE_STAGES = ("evaluate", "evaluate-length-following")
 
 
 def phase_of(stage: str) -> str:
     if stage in DATA_STAGES or stage == "collect":
         return "Generating"
-    return "Evaluating" if stage == "evaluate" else "Training"
+    return "Evaluating" if stage in EVALUATE_STAGES else "Training"
 
 
 def roles_of(config: RunConfig, stage: str) -> tuple[str, ...]:
@@ -60,9 +63,14 @@ class ServerSpec:
 def server_spec(config: RunConfig, store: Store, stage: str, iteration: int, workdir: Path) -> ServerSpec:
     """The server a generating stage needs. LoRA: the base model plus both roles' adapters on one server
     (vLLM --enable-lora); full fine-tuning: the trained weights of the stage's role, served under its name."""
-    from .training import fetch_trained_model
+    from .training import LENGTH_FOLLOWING, fetch_trained_model
 
     models = config.models
+    if stage == "evaluate-length-following":  # the length-following model under the Generator's name
+        trained = fetch_trained_model(config, store, iteration, LENGTH_FOLLOWING, workdir)
+        if trained.mode == "lora":
+            return ServerSpec(resolve_model(models.base), ("base",), ((models.generator, str(trained.path.resolve())),))
+        return ServerSpec(str(trained.path.resolve()), (models.generator,))
     model_iteration = iteration if stage in CURRENT_MODEL_STAGES else iteration - 1
     if model_iteration == 0:
         return ServerSpec(resolve_model(models.base), (models.generator, models.extender))

@@ -15,6 +15,10 @@ One function, `train_role(ctx, role)`, trains one role of one iteration on that 
   * loss, learning rate, tokens/s and samples/s are logged per logging step (and kept in train-log.jsonl);
   * the final adapter (or full model, with its tokenizer) goes to the store, with a manifest.
 
+The length-following stage (after the last iteration, stages/train_length_following.py) trains the pseudo-role
+`length-following` the same way: the last iteration's Generator continued on collect's length-demand data mixed
+with that iteration's Generator set (lengthFollowing.generatorSetFraction of it), under <run>/train-length-following/.
+
 Store layout, for role R of iteration NN:
 
     <run>/iter-NN/train-R/checkpoints/checkpoint-<step>/...  _COMPLETE   (newest training.keepCheckpoints)
@@ -35,7 +39,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import iteration_prefix
+from .artifacts import check_run_name, iteration_prefix
 from .config import RunConfig
 from .models import resolve_model
 from .store import Store, dumps_jsonl, read_jsonl
@@ -44,6 +48,7 @@ from .treestore import delete_tree, download_tree, tree_complete, tree_manifest,
 log = logging.getLogger("selflengthen.train")
 
 ROLES = ("generator", "extender")
+LENGTH_FOLLOWING = "length-following"  # the final Generator, trained to follow length demands: one per run
 IGNORE_INDEX = -100
 _CHECKPOINT = re.compile(r"/checkpoints/checkpoint-(\d+)/_COMPLETE$")
 
@@ -56,13 +61,33 @@ class TrainingError(RuntimeError):
 
 
 def stage_name(role: str) -> str:
-    if role not in ROLES:
-        raise ValueError(f"role {role!r}: one of {', '.join(ROLES)} wanted")
+    if role not in (*ROLES, LENGTH_FOLLOWING):
+        raise ValueError(f"role {role!r}: one of {', '.join((*ROLES, LENGTH_FOLLOWING))} wanted")
     return f"train-{role}"
 
 
 def stage_prefix(run: str, iteration: int, role: str) -> str:
+    if role == LENGTH_FOLLOWING:  # a stage of the run, not of an iteration (stages.RUN_STAGES)
+        return f"{check_run_name(run)}/{stage_name(role)}"
     return f"{iteration_prefix(run, iteration)}/{stage_name(role)}"
+
+
+def init_prefix(run: str, iteration: int, role: str) -> str | None:
+    """The model a role's training continues from: the same role's of the iteration before (None in iteration 1:
+    the base model); the length-following model continues from the Generator of its iteration (the last)."""
+    if role == LENGTH_FOLLOWING:
+        return model_prefix(run, iteration, "generator")
+    return model_prefix(run, iteration - 1, role) if iteration > 1 else None
+
+
+def data_sources(config: RunConfig, iteration: int, role: str) -> list[tuple[str, float]]:
+    """(store prefix of part-*.jsonl SFT rows, share of its rows kept) that a role trains on."""
+    run = config.name
+    if role == LENGTH_FOLLOWING:
+        return [(f"{check_run_name(run)}/collect", 1.0),
+                (f"{iteration_prefix(run, iteration)}/build-sft/generator",
+                 config.length_following.generator_set_fraction)]
+    return [(f"{iteration_prefix(run, iteration)}/build-sft/{role}", 1.0)]
 
 
 def model_prefix(run: str, iteration: int, role: str) -> str:
@@ -85,6 +110,8 @@ def workdir_root() -> Path:
 
 
 def local_dir(run: str, iteration: int, role: str, workdir: Path | None = None) -> Path:
+    if role == LENGTH_FOLLOWING:
+        return (workdir or workdir_root()) / "train" / run / role
     return (workdir or workdir_root()) / "train" / run / f"iter-{iteration:02d}" / role
 
 
@@ -163,14 +190,18 @@ def encode_conversation(tokenizer, messages: list[dict], cutoff: int | None = No
     return {"input_ids": ids, "labels": labels}
 
 
-def load_examples(store: Store, prefix: str, tokenizer, cutoff: int) -> tuple[list[dict], dict]:
-    """Tokenized examples from the part-*.jsonl files under prefix, with counts."""
+def load_examples(store: Store, prefix: str, tokenizer, cutoff: int,
+                  keep=None) -> tuple[list[dict], dict]:
+    """Tokenized examples from the part-*.jsonl files right under prefix (not a stage's work/ shards), with
+    counts; keep(row) picks the rows used (default: all)."""
     import numpy as np
 
-    keys = [k for k in store.list(prefix) if re.search(r"/part-\d+\.jsonl$", k)]
+    keys = [k for k in store.list(prefix) if re.fullmatch(r"part-\d+\.jsonl", k[len(prefix) + 1:])]
     examples, rows, skipped, truncated = [], 0, 0, 0
     for key in keys:
         for row in read_jsonl(store, key):
+            if keep is not None and not keep(row):
+                continue
             rows += 1
             ex = encode_conversation(tokenizer, row["messages"], None)
             if ex is not None and len(ex["input_ids"]) > cutoff:
@@ -422,19 +453,18 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
         log.info("%s of iteration %d: final model already in the store", stage, iteration)
         return tree_manifest(store, final_prefix)["training"]
 
-    if iteration > 1:
-        prev_prefix = model_prefix(run, iteration - 1, role)
-        if not tree_complete(store, prev_prefix):
-            raise TrainingError(f"{stage} of iteration {iteration} continues from the {role} of iteration "
-                                f"{iteration - 1}, which is not in the store ({store.uri}/{prev_prefix})")
-    data_prefix = f"{iteration_prefix(run, iteration)}/build-sft/{role}"
+    prev_prefix = init_prefix(run, iteration, role)
+    if prev_prefix is not None and not tree_complete(store, prev_prefix):
+        raise TrainingError(f"{stage} of iteration {iteration} continues from the model at {store.uri}/{prev_prefix}, "
+                            f"which is not in the store")
+    sources = data_sources(config, iteration, role)
 
     cuda, precision = _precision(config)
     here = local_dir(run, iteration, role, workdir)
     ckpt_dir, final_dir = here / "checkpoints", here / "model"
     resume_steps = stored_checkpoints(store, run, iteration, role)
     resume_step = resume_steps[-1] if resume_steps else None
-    previous = here / "previous" if iteration > 1 else None
+    previous = here / "previous" if prev_prefix is not None else None
     # TrainingArguments joins the process group of a torchrun / accelerate launch (or makes a single process).
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
@@ -483,7 +513,7 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
                 download_tree(store, checkpoint_prefix(run, iteration, role, resume_step),
                               ckpt_dir / f"checkpoint-{resume_step}")
             if previous is not None:
-                download_tree(store, model_prefix(run, iteration - 1, role), previous)
+                download_tree(store, prev_prefix, previous)
         base = resolve_model(config.models.base)
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -491,9 +521,18 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise TrainingError(f"the tokenizer of {config.models.base} has no chat template")
-    examples, data_counts = load_examples(store, data_prefix, tokenizer, t.cutoff_tokens)
+    examples, data_counts = [], {"rows": 0, "examples": 0, "skipped": 0, "truncated": 0, "tokens": 0}
+    by_source = {}
+    for source, share in sources:
+        keep = None if share >= 1 else (lambda row, s=source, f=share: ctx.seed(stage, s, row.get("id")) % 10**6
+                                        < f * 10**6)  # a seeded share of the rows, the same on every rank
+        found, counts = load_examples(store, source, tokenizer, t.cutoff_tokens, keep)
+        examples += found
+        data_counts = {k: data_counts[k] + counts[k] for k in data_counts}
+        by_source[source] = counts["examples"]
     if not examples:
-        raise TrainingError(f"{stage} of iteration {iteration}: no training examples under {store.uri}/{data_prefix}")
+        raise TrainingError(f"{stage} of iteration {iteration}: no training examples under "
+                            + " or ".join(f"{store.uri}/{s}" for s, _ in sources))
 
     from transformers import set_seed
 
@@ -540,10 +579,11 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
         "mode": t.mode,
         "precision": precision,
         "baseModel": config.models.base,
-        "initFrom": f"{store.uri}/{model_prefix(run, iteration - 1, role)}" if iteration > 1 else config.models.base,
+        "initFrom": f"{store.uri}/{prev_prefix}" if prev_prefix is not None else config.models.base,
         "modelUri": f"{store.uri}/{final_prefix}",
         "modelKey": final_prefix,
         "counts": {"requested": data_counts["rows"], "accepted": data_counts["examples"], **data_counts},
+        **({"examplesBySource": by_source} if len(sources) > 1 else {}),
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
         "resumedFromStep": resume_step,

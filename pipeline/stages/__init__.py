@@ -30,19 +30,34 @@ STAGES: dict[str, str] = {
     "train-generator": "train_generator",
     "train-extender": "train_extender",
     "evaluate": "evaluate",
-    "collect": "collect",  # optional, after the last iteration (not a stage of every iteration)
+    # optional, after the last iteration (not stages of every iteration)
+    "collect": "collect",
+    "train-length-following": "train_length_following",
+    "evaluate-length-following": "evaluate_length_following",
 }
 # Stages of the whole run rather than of one iteration: their artifacts live under <run>/<stage>/.
-RUN_STAGES = ("collect",)
+RUN_STAGES = ("collect", "train-length-following", "evaluate-length-following")
 TRAIN_STAGES = ("build-sft", "train-generator", "train-extender")
+# The method's last step: the final Generator trained to follow length demands on collect's data, then evaluated.
+LENGTH_FOLLOWING_STAGES = ("train-length-following", "evaluate-length-following")
+
+
+def final_stages(config: RunConfig) -> tuple[str, ...]:
+    """The stages after the last iteration's evaluation: collect, then the length-following training and its
+    evaluation (each when enabled; lengthFollowing needs collect)."""
+    if not config.collect.enabled:
+        return ()
+    if not config.length_following.enabled:
+        return ("collect",)
+    return ("collect", "train-length-following") + (("evaluate-length-following",) if config.evaluate.enabled else ())
 
 
 def iteration_stages(config: RunConfig, iteration: int) -> tuple[str, ...]:
     """The stages of macro-iteration `iteration`, in order: both orchestrators (the local runner, the operator)
-    run exactly these. evaluate when enabled; collect (when enabled) ends the last iteration."""
-    last = iteration == config.iterations and config.collect.enabled
+    run exactly these. evaluate when enabled; the final stages (collect, length following) end the last one."""
+    last = iteration == config.iterations
     return (DATA_STAGES + TRAIN_STAGES + (("evaluate",) if config.evaluate.enabled else ())
-            + (("collect",) if last else ()))
+            + (final_stages(config) if last else ()))
 
 log = logging.getLogger("selflengthen.stage")
 
