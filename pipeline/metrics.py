@@ -181,18 +181,24 @@ class Metrics:
                 self.iteration_words.labels(**labels, kind="extended").set(manifest.get("averageWords", 0))
             if stage.startswith("train-") and _finite(manifest.get("finalLoss")):
                 self.iteration_loss.labels(**labels, role=stage.removeprefix("train-")).set(manifest["finalLoss"])
-            if stage == "evaluate":
-                scores = manifest.get("scores") or {}
-                for kind, score in {"overall": scores.get("overall"), **(scores.get("byType") or {})}.items():
-                    if _finite(score):
-                        self.longen_score.labels(**labels, type=kind).set(score)
-                lbw = manifest.get("longbenchWrite") or {}
-                for kind in ("sl", "sq"):
-                    score = (lbw.get(kind) or {}).get("overall")
-                    if _finite(score):
-                        self.longbench_score.labels(**labels, score=kind).set(score)
-                if _finite((manifest.get("ruler") or {}).get("maxLength")):
-                    self.max_output_length.labels(**labels).set(manifest["ruler"]["maxLength"])
+            if stage in ("evaluate", "evaluate-length-following"):
+                self._set_evaluation(labels if stage == "evaluate" else {**labels, "iteration": LENGTH_FOLLOWING},
+                                     manifest)
+
+    def _set_evaluation(self, labels: dict[str, str], manifest: dict) -> None:
+        """LonGen, LongBench-Write and the ruler's maximum output length of one evaluation: an iteration's
+        Generator, or the length-following model (iteration label `length-following`)."""
+        scores = manifest.get("scores") or {}
+        for kind, score in {"overall": scores.get("overall"), **(scores.get("byType") or {})}.items():
+            if _finite(score):
+                self.longen_score.labels(**labels, type=kind).set(score)
+        lbw = manifest.get("longbenchWrite") or {}
+        for kind in ("sl", "sq"):
+            score = (lbw.get(kind) or {}).get("overall")
+            if _finite(score):
+                self.longbench_score.labels(**labels, score=kind).set(score)
+        if _finite((manifest.get("ruler") or {}).get("maxLength")):
+            self.max_output_length.labels(**labels).set(manifest["ruler"]["maxLength"])
 
     def forget_run(self, run: str, namespace: str) -> None:
         """Drop a deleted run's series so that they do not linger."""
@@ -203,6 +209,9 @@ class Metrics:
             for labels in [dict(zip(metric._labelnames, values, strict=True)) for values in list(metric._metrics)]:
                 if labels.get("run") == run and labels.get("namespace") == namespace:
                     metric.remove(*labels.values())
+
+
+LENGTH_FOLLOWING = "length-following"  # the iteration label of the length-following model's evaluation
 
 
 def _finite(value) -> bool:

@@ -159,3 +159,24 @@ def test_the_report_puts_the_generator_and_the_length_following_model_side_by_si
         assert line in md, line
     assert {"train-length-following", "evaluate-length-following"} <= set(out["stages"])
     assert set(rep.scatter_points(ctx.store, ctx.config, 1)) == {"iteration 1", "length-following"}
+
+
+def test_the_length_following_evaluation_has_its_own_series():
+    from prometheus_client import CollectorRegistry
+
+    from selflengthen.pipeline.metrics import Metrics
+
+    registry = CollectorRegistry()
+    evaluation = {"scores": {"overall": 0.5, "byType": {"about": 0.25}}, "longbenchWrite": {"sl": {"overall": 61.5}},
+                  "ruler": {"maxLength": 4200}}
+    Metrics(registry).set_iteration("lf", "ns", 2, {"evaluate": {**evaluation, "scores": {"overall": 0.125}},
+                                                    "evaluate-length-following": evaluation})
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, {"run": "lf", "namespace": "ns", **labels})
+
+    assert value("selflengthen_longen_score", iteration="2", type="overall") == 0.125
+    assert value("selflengthen_longen_score", iteration="length-following", type="overall") == 0.5
+    assert value("selflengthen_longen_score", iteration="length-following", type="about") == 0.25
+    assert value("selflengthen_longbench_write_score", iteration="length-following", score="sl") == 61.5
+    assert value("selflengthen_max_output_length", iteration="length-following") == 4200

@@ -138,5 +138,10 @@ def test_dashboard_is_backed_by_real_series(prometheus, vllm_endpoint, tmp_path)
         assert float(loss[0]["value"][1]) == pytest.approx(results["train-generator"]["finalLoss"])
         score = prom.query('selflengthen_longen_score{run="dash",type="overall"}')
         assert float(score[0]["value"][1]) == pytest.approx(results["evaluate"]["scores"]["overall"])
+        # LongBench-Write's S_l and the ruler's maximum output length, beside LonGen
+        sl = prom.query('selflengthen_longbench_write_score{run="dash",score="sl"}')
+        assert float(sl[0]["value"][1]) == pytest.approx(results["evaluate"]["longbenchWrite"]["sl"]["overall"])
+        longest = prom.query('selflengthen_max_output_length{run="dash"}')
+        assert float(longest[0]["value"][1]) == results["evaluate"]["ruler"]["maxLength"]
     finally:
         server.shutdown()
