@@ -70,11 +70,16 @@ def iteration_manifests(stages: dict) -> dict[str, dict]:
     if get("extend", "averageWords") is not None:
         out.setdefault("extend", {}).update(averageWords=get("extend", "averageWords"),
                                             averageWordsInitial=get("respond", "averageWords") or 0)
-    for stage in ("train-generator", "train-extender", "evaluate"):
+    for stage in ("train-generator", "train-extender", "train-length-following", "evaluate",
+                  "evaluate-length-following"):
         if get(stage, "trainLoss") is not None:
             out.setdefault(stage, {})["finalLoss"] = get(stage, "trainLoss")
         if get(stage, "score") is not None:
             out.setdefault(stage, {})["scores"] = {"overall": get(stage, "score")}
+        if get(stage, "longbenchSl") is not None:
+            out.setdefault(stage, {})["longbenchWrite"] = {"sl": {"overall": get(stage, "longbenchSl")}}
+        if get(stage, "maxOutputLength") is not None:
+            out.setdefault(stage, {})["ruler"] = {"maxLength": get(stage, "maxOutputLength")}
     return out
 
 

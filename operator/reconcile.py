@@ -49,7 +49,18 @@ from .resources import (
     training_job,
     training_service,
 )
-from .spec import COLLECT_STAGE, DATA_STAGES, EVAL_STAGE, SERVING, TRAIN_STAGES, run_steps
+from ..pipeline.stages import RUN_STAGES
+from .spec import (
+    COLLECT_STAGE,
+    DATA_STAGES,
+    EVAL_STAGE,
+    LF_EVAL_STAGE,
+    LF_MODEL,
+    LF_TRAIN_STAGE,
+    SERVING,
+    TRAIN_STAGES,
+    run_steps,
+)
 from .status import MAX_FAILURES_KEPT, MAX_MESSAGE, build_status
 
 CHILD_REJECTED = "ChildRejected"
@@ -282,7 +293,13 @@ class _Reconciler:
         scores = manifest.get("scores")
         if isinstance(scores, dict) and isinstance(scores.get("overall"), (int, float)):
             rec["score"] = scores["overall"]
-        where = stage if stage == COLLECT_STAGE else f"iter-{k:02d}/{stage}"  # collect's output is the run's
+        sl = ((manifest.get("longbenchWrite") or {}).get("sl") or {}).get("overall")
+        if isinstance(sl, (int, float)):
+            rec["longbenchSl"] = sl
+        longest = (manifest.get("ruler") or {}).get("maxLength")
+        if isinstance(longest, int):
+            rec["maxOutputLength"] = longest
+        where = stage if stage in RUN_STAGES else f"iter-{k:02d}/{stage}"  # collect's (...) output is the run's
         rec["artifactUri"] = manifest.get("modelUri") or f"{self.cfg.storage.uri}/{self.run.name}/{where}"
         if stage == "extend" and "averageWords" in rec:
             self.iteration_record(k)["averageWords"] = rec["averageWords"]
@@ -425,6 +442,8 @@ class _Reconciler:
         return False
 
     def model_text(self, model: int) -> str:
+        if model == LF_MODEL:
+            return "the length-following model"
         return "the base model" if model == 0 else f"the models of iteration {model}"
 
     def check_stuck(self, k: int, key: str, rec: dict, pods: list[dict], child: dict, none_made: bool,
@@ -476,7 +495,7 @@ class _Reconciler:
         jobs = self.stage_jobs(k, stage)
         attempt = max([rec.get("attempts", 0), *jobs])
         job = jobs.get(attempt)
-        training = stage in TRAIN_STAGES[1:]
+        training = stage in (*TRAIN_STAGES[1:], LF_TRAIN_STAGE)
         if job is not None and _failure_recorded(rec, attempt):
             job = None  # a failed attempt, kept for its logs: the next attempt is due after the backoff
         if job is None:
@@ -617,18 +636,19 @@ class _Reconciler:
             return self.suspend()
         if st.get("phase") == "Suspended":
             self.event("Normal", "Resumed", f"resumed at iteration {k}: {stage}")
-        if stage in DATA_STAGES or stage in (EVAL_STAGE, COLLECT_STAGE):
+        if stage in DATA_STAGES or stage in (EVAL_STAGE, COLLECT_STAGE, LF_EVAL_STAGE):
             # data stages: the models of iteration k-1; evaluate and collect: those just trained (collect reuses
-            # evaluate's server when evaluation ran)
-            model = k - 1 if stage in DATA_STAGES else k
-            key = SERVING if stage in DATA_STAGES else f"{EVAL_STAGE}-{SERVING}"
+            # evaluate's server when evaluation ran); the length-following evaluation: that model
+            model = k - 1 if stage in DATA_STAGES else LF_MODEL if stage == LF_EVAL_STAGE else k
+            key = (SERVING if stage in DATA_STAGES else f"{LF_EVAL_STAGE}-{SERVING}" if stage == LF_EVAL_STAGE
+                   else f"{EVAL_STAGE}-{SERVING}")
             if not self.ensure_serving(k, model, key):
                 if st.get("phase") != "Failed":
                     st["phase"] = "Serving"
                     st["stage"] = key
                 return self.finish()
             st["endpoint"] = endpoint(self.run, model)
-            st["phase"] = "Evaluating" if stage == EVAL_STAGE else "Generating"
+            st["phase"] = "Evaluating" if stage in (EVAL_STAGE, LF_EVAL_STAGE) else "Generating"
             self.run_stage(k, stage, st["endpoint"])
         else:
             if not self.scaled_down():

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 from ..pipeline.config import RunConfig, dump_config
-from ..pipeline.training import model_prefix
+from ..pipeline.training import LENGTH_FOLLOWING, model_prefix
 from .crd import API_VERSION, KIND
-from .spec import COLLECT_STAGE, DATA_STAGES, EVAL_STAGE, ClusterSpec
+from .spec import COLLECT_STAGE, DATA_STAGES, EVAL_STAGE, LF_EVAL_STAGE, LF_MODEL, LF_TRAIN_STAGE, ClusterSpec
 
 MANAGED_BY = "selflengthen-operator"
 LABEL_RUN = "selflengthen.io/run"
@@ -83,8 +83,13 @@ def deployment_name(run: str, model: int, attempt: int) -> str:
     return f"{serving_name(run, model)}-a{attempt}"
 
 
+# Short names of the long stage names in Job names, so that `<run>-i01-<stage>-a1-0` stays a DNS label with the
+# longest run name (spec.MAX_RUN_NAME): the stage itself is in the Job's labels.
+JOB_STAGE_NAMES = {LF_TRAIN_STAGE: "train-lf", LF_EVAL_STAGE: "evaluate-lf"}
+
+
 def job_name(run: str, iteration: int, stage: str, attempt: int) -> str:
-    return f"{run}-i{iteration:02d}-{stage}-a{attempt}"
+    return f"{run}-i{iteration:02d}-{JOB_STAGE_NAMES.get(stage, stage)}-a{attempt}"
 
 
 def selector(run: str) -> dict[str, str]:
@@ -256,9 +261,20 @@ def max_lora_rank(rank: int) -> int:
     return next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
 
 
+def served_prefixes(run: Run, model: int) -> dict[str, str]:
+    """Store prefix of each role's trained model that serving `model` pulls: iteration `model`'s, or for the
+    length-following model (LF_MODEL) that model as the Generator beside the last iteration's Extender."""
+    roles = ("generator",) if run.config.training.mode == "full" else ("generator", "extender")
+    if model == LF_MODEL:
+        last = run.config.iterations
+        return {role: model_prefix(run.name, last, LENGTH_FOLLOWING if role == "generator" else role)
+                for role in roles}
+    return {role: model_prefix(run.name, model, role) for role in roles}
+
+
 def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | None = None) -> dict:
     """vLLM serving model `model`: the base model (0), or the adapters (or full weights) trained in iteration
-    `model`, pulled from the store by an init container."""
+    `model` (or the length-following model, LF_MODEL), pulled from the store by an init container."""
     inf, cfg = run.cluster.inference, run.config
     name = deployment_name(run.name, model, attempt)
     roles = (cfg.models.generator, cfg.models.extender)
@@ -279,8 +295,7 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
                 "--max-lora-rank", str(max_lora_rank(cfg.training.lora.rank)), "--max-loras", str(len(adapters)),
                 "--lora-modules", *adapters]
     if model > 0:
-        pairs = [f"{literal(model_prefix(run.name, model, role))}={ADAPTERS_DIR}/{role}"
-                 for role in (("generator",) if full else ("generator", "extender"))]
+        pairs = [f"{literal(prefix)}={ADAPTERS_DIR}/{role}" for role, prefix in served_prefixes(run, model).items()]
         fetch_cmd = ["python", "-m", "selflengthen.operator.fetch", "--storage", literal(cfg.storage.uri)]
         if cfg.storage.endpoint_url:
             fetch_cmd += ["--endpoint-url", literal(cfg.storage.endpoint_url)]
@@ -386,8 +401,8 @@ def _config_volume(run: Run) -> dict:
 
 def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_url: str | None = None,
               suspend: bool = False) -> dict:
-    """A Job running `selflengthen stage STAGE` (data stages, build-sft, evaluate, collect): CPU only."""
-    needs_server = stage in DATA_STAGES or stage in (EVAL_STAGE, COLLECT_STAGE)
+    """A Job running `selflengthen stage STAGE` (data stages, build-sft, the evaluations, collect): CPU only."""
+    needs_server = stage in DATA_STAGES or stage in (EVAL_STAGE, COLLECT_STAGE, LF_EVAL_STAGE)
     if needs_server and not endpoint_url:
         raise ValueError(f"stage {stage} needs the inference endpoint")
     name = job_name(run.name, iteration, stage, attempt)
@@ -405,7 +420,7 @@ def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_ur
     container["ports"] = [_metrics_port()]
     pod = _pod_spec(run, [container], role=jobs, restart="Never",
                     volumes=[_config_volume(run), {"name": "work", "emptyDir": {}}, _cache_volume(run)])
-    component = "evaluation" if stage == EVAL_STAGE else "data"
+    component = "evaluation" if stage in (EVAL_STAGE, LF_EVAL_STAGE) else "data"
     return _job(run, name, component, iteration, stage, attempt, pod, suspend=suspend)
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from ..pipeline.config import ConfigError, RunConfig, _format_errors
-from ..pipeline.stages import DATA_STAGES, TRAIN_STAGES, iteration_stages
+from ..pipeline.stages import DATA_STAGES, LENGTH_FOLLOWING_STAGES, TRAIN_STAGES, iteration_stages
 from ..pipeline.vllm_flags import check_extra_args, check_positional
 from ..pipeline.vllm_flags_table import OPTIONS
 from . import k8sformat
@@ -27,7 +27,11 @@ EXCLUDED_CONFIG_FIELDS = ("name", "local", "models.endpoint", "models.api_key_en
 # need the inference server.
 EVAL_STAGE = "evaluate"
 COLLECT_STAGE = "collect"  # optional, once after the last iteration, with that iteration's models (collect.enabled)
-ALL_STAGES = (*DATA_STAGES, *TRAIN_STAGES, EVAL_STAGE, COLLECT_STAGE)
+# optional, after collect (lengthFollowing.enabled): a training Job, then an evaluation served by its model
+LF_TRAIN_STAGE, LF_EVAL_STAGE = LENGTH_FOLLOWING_STAGES
+ALL_STAGES = (*DATA_STAGES, *TRAIN_STAGES, EVAL_STAGE, COLLECT_STAGE, *LENGTH_FOLLOWING_STAGES)
+# The model index of the length-following model, served for its evaluation (iterations' models are 0..100).
+LF_MODEL = 101
 SERVING = "serving"  # the pseudo-stage of bringing the vLLM server up (retried and timed like a stage)
 
 RESOURCE_KEY = r"^([a-z0-9.-]+/)?[a-zA-Z0-9][-._a-zA-Z0-9]*$"

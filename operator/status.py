@@ -77,6 +77,8 @@ class StageRecord(_Model):
     average_words: float | None = None
     train_loss: float | None = None
     score: float | None = None
+    longbench_sl: float | None = Field(None, description="An evaluation's LongBench-Write length score S_l (0-100)")
+    max_output_length: int | None = Field(None, description="An evaluation's LongWrite-Ruler maximum output length")
     artifact_uri: str | None = None
 
 

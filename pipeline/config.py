@@ -34,8 +34,9 @@ SERVED_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:/+-]*$"
 # --restart-from. Each section declares the stages its fields change (`affects`), with per-field exceptions
 # (`affects_fields`); () marks a result-neutral field (how things run, never what they produce). Stages that
 # read a changed stage's output (later stages, later iterations) follow from identity.py's dependency graph.
-GENERATING = ("self-instruct", "respond", "extend", "evaluate", "collect")
-TRAINING = ("train-generator", "train-extender")
+GENERATING = ("self-instruct", "respond", "extend", "evaluate", "collect", "evaluate-length-following")
+TRAINING = ("train-generator", "train-extender", "train-length-following")
+EVALUATING = ("evaluate", "evaluate-length-following")
 EVERY_STAGE = GENERATING + ("build-sft",) + TRAINING
 NEUTRAL: tuple[str, ...] = ()
 
@@ -312,7 +313,7 @@ class Training(Model):
 class Judge(Model):
     """An LLM judge that scores the quality of each LonGen answer from 1 to 10 (prompts/<lang>/quality_judge.txt)."""
 
-    affects = ("evaluate",)
+    affects = EVALUATING
     affects_fields = {"endpoint": NEUTRAL, "api_key_env": NEUTRAL}
 
     enabled: bool = False
@@ -340,12 +341,16 @@ class Judge(Model):
 class LongBenchWrite(Model):
     """LongBench-Write (LongWriter): length score S_l, and quality S_q when the judge is enabled."""
 
+    affects = EVALUATING
+
     enabled: bool = True
     items: int = Field(120, ge=1, le=120, description="Items asked (evenly spread over the required lengths)")
 
 
 class Ruler(Model):
     """LongWrite-Ruler (LongWriter): the Generator's maximum output length, asked for 1,000 to 30,000 words."""
+
+    affects = EVALUATING
 
     enabled: bool = True
     items: int = Field(48, ge=1, le=48, description="Prompts asked (evenly spread over the lengths asked for)")
@@ -354,7 +359,7 @@ class Ruler(Model):
 class Evaluate(Model):
     """Evaluation of each iteration's Generator: LonGen length following, LongBench-Write, LongWrite-Ruler."""
 
-    affects = ("evaluate",)
+    affects = EVALUATING
     # Switching evaluation off leaves earlier results as they were (they are only not read): not a change of them.
     # The held-out prompts are answered in respond (before training) and evaluate (after).
     affects_fields = {"enabled": NEUTRAL, "heldout_items": ("respond", "evaluate"),
@@ -422,6 +427,9 @@ class LengthFollowing(Model):
     with the last iteration's Generator set (so that answers to queries without a demand do not drift); then
     evaluated like every iteration's Generator."""
 
+    affects = ("train-length-following",)
+    affects_fields = {"enabled": NEUTRAL}
+
     enabled: bool = Field(False, description="Train (and evaluate) the length-following model; needs collect.enabled")
     generator_set_fraction: float = Field(
         1.0, ge=0, le=1, description="Share of the last iteration's Generator set (build-sft) mixed in, seeded")
@@ -431,8 +439,8 @@ class RunConfig(Model):
     """A whole Self-Lengthen run."""
 
     affects = EVERY_STAGE  # seed, languages
-    # The name is the run (another name is another run). iterations: only collect runs on the last iteration.
-    affects_fields = {"name": NEUTRAL, "iterations": ("collect",)}
+    # The name is the run (another name is another run). iterations: the run-level stages run on the last one.
+    affects_fields = {"name": NEUTRAL, "iterations": ("collect", "train-length-following")}
 
     name: str = Field("local-tiny", pattern=NAME_PATTERN, max_length=63)
     iterations: int = Field(3, ge=1, le=100, description="Macro-iterations")

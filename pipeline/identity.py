@@ -39,7 +39,9 @@ READS_SAME_ITERATION: dict[str, tuple[str, ...]] = {
     "train-generator": ("build-sft",),
     "train-extender": ("build-sft",),
     "evaluate": ("train-generator",),
-    "collect": ("self-instruct", "train-generator", "train-extender"),
+    "collect": ("self-instruct", "extend", "train-generator", "train-extender"),
+    "train-length-following": ("collect", "build-sft", "train-generator"),
+    "evaluate-length-following": ("train-length-following",),
 }
 READS_PREVIOUS_ITERATION: dict[str, tuple[str, ...]] = {
     "self-instruct": ("self-instruct", "train-generator"),
@@ -89,16 +91,17 @@ def diff(old: Model, new: Model, prefix: str = "") -> list[Change]:
 
 # -- stages of the run and what depends on them -------------------------------------------------------------------
 
-Node = tuple[str, int]  # (stage, iteration); the run-level collect is (collect, the last iteration)
+Node = tuple[str, int]  # (stage, iteration); a run-level stage (collect, ...) is (stage, the last iteration)
 
 
 def nodes(config: RunConfig, iterations: int) -> list[Node]:
-    """Every stage of iterations 1..iterations in run order, collect last; also the stages switched off now
-    (evaluate, collect): their data, if any, must still agree with the stored configuration."""
+    """Every stage of iterations 1..iterations in run order, the run-level stages last (collect, then the
+    length-following ones); also the stages switched off now (evaluate, collect, length following): their data,
+    if any, must still agree with the stored configuration."""
     found: list[Node] = []
     for k in range(1, iterations + 1):
         found += [(s, k) for s in STAGES if s not in RUN_STAGES]
-    return found + [("collect", iterations)]
+    return found + [(s, iterations) for s in RUN_STAGES]
 
 
 def dependents(config: RunConfig, iterations: int, stages: Iterable[str]) -> list[Node]:

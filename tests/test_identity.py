@@ -126,6 +126,28 @@ def test_an_evaluation_change_redoes_only_the_evaluations(tmp_path, stages):
     assert done(ran) == [("evaluate", 1), ("evaluate", 2)]
 
 
+def test_the_length_following_step_is_redone_by_what_it_is_made_from(tmp_path, stages):
+    ran, _ = stages
+    doc = {"collect.enabled": True, "lengthFollowing.enabled": True}
+    run(base(tmp_path, **doc))
+    final = [("collect", 2), ("train-length-following", 2), ("evaluate-length-following", 2)]
+    assert done(ran) == everything() + final
+    ran.clear()
+    changed = base(tmp_path, **doc, **{"lengthFollowing.generatorSetFraction": 0.5})
+    with pytest.raises(ConfigChanged, match=r"(?s)lengthFollowing\.generatorSetFraction: 1\.0 -> 0\.5.*"
+                                            r"--restart-from train-length-following"):
+        run(changed)
+    run(changed, restart_from=["train-length-following"])
+    assert done(ran) == final[1:]
+    ran.clear()
+    # an evaluation setting: every evaluation, the length-following model's too
+    fewer = base(tmp_path, **doc, **{"lengthFollowing.generatorSetFraction": 0.5, "evaluate.ruler.items": 6})
+    with pytest.raises(ConfigChanged, match="--restart-from evaluate --restart-from evaluate-length-following"):
+        run(fewer, restart_from=["evaluate"])
+    run(fewer, restart_from=["evaluate", "evaluate-length-following"])
+    assert done(ran) == [("evaluate", 1), ("evaluate", 2), ("evaluate-length-following", 2)]
+
+
 def test_a_restart_that_does_not_cover_the_change_is_refused(tmp_path, stages):
     ran, _ = stages
     run(base(tmp_path))

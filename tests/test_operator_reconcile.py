@@ -441,3 +441,35 @@ def test_every_stage_job_has_a_deadline_sized_for_its_stage():
 
     with pytest.raises(ConfigError, match="deadlines.stages"):
         make_run(spec(deadlines={"stages": {"serving": 600}}))
+def test_length_following_trains_as_a_gpu_job_then_is_served_and_evaluated():
+    """After collect: train-length-following as a training Job, then its model (the length-following adapter as
+    the Generator, beside the last Extender) served by its own vLLM, then the evaluation Job pointed at it."""
+    world = World(make_run(spec(evaluate={"enabled": True}, collect={"enabled": True, "items": 64},
+                                lengthFollowing={"enabled": True})))
+    log = run_to_completion(world)
+    assert world.status["phase"] == "Succeeded"
+    # the GPUs are freed for the training (vLLM scaled down), then the new model is served
+    assert log[-5:] == ["complete demo-i02-collect-a1", "scaled down", "complete demo-i02-train-lf-a1",
+                        "ready demo-m101-vllm-a1", "complete demo-i02-evaluate-lf-a1"]
+    train = world.objects[("Job", "demo-i02-train-lf-a1")]
+    container = train["spec"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "train" and "nvidia.com/gpu" in container["resources"]["limits"]
+    assert container["command"][1:3] == ["stage", "train-length-following"]
+    assert train["metadata"]["labels"]["selflengthen.io/stage"] == "train-length-following"
+    assert "Deployment/demo-m101-vllm-a1" in world.created  # gone by now (the run is over): its body as made
+    from selflengthen.operator.resources import serving_deployment
+    from selflengthen.operator.spec import LF_MODEL
+
+    serving = serving_deployment(world.run, LF_MODEL, 1)
+    fetch = serving["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    assert "demo/train-length-following/model=/adapters/generator" in fetch
+    assert "demo/iter-02/train-extender/model=/adapters/extender" in fetch
+    job = world.objects[("Job", "demo-i02-evaluate-lf-a1")]
+    cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--endpoint") + 1] == "http://demo-m101-vllm.ml.svc:8000/v1"
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluation"
+    stages = world.status["history"][1]["stages"]
+    assert stages["train-length-following"]["artifactUri"].endswith("runs/demo/train-length-following")  # the run's
+    assert stages["evaluate-length-following"]["state"] == "Succeeded"
+    assert "evaluate-length-following-serving" in stages
+    assert world.names("Deployment") == []

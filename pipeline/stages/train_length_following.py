@@ -1,4 +1,4 @@
-"""Stage train-length-following, the method's last step (docs/algorithm.md, step 6): after the last iteration,
+"""Stage train-length-following, the method's last step (README.md, "The pipeline"): after the last iteration,
 the final Generator is fine-tuned on collect's (instruction with a true length demand, answer) pairs, mixed with
 the last iteration's Generator set so that answers to queries without a demand do not drift (training.py, role
 `length-following`). Its model lives under <run>/train-length-following/model; evaluate-length-following scores it.
