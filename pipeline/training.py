@@ -455,8 +455,10 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
 
     prev_prefix = init_prefix(run, iteration, role)
     if prev_prefix is not None and not tree_complete(store, prev_prefix):
-        raise TrainingError(f"{stage} of iteration {iteration} continues from the model at {store.uri}/{prev_prefix}, "
-                            f"which is not in the store")
+        source = (f"the generator of iteration {iteration}" if role == LENGTH_FOLLOWING
+                  else f"the {role} of iteration {iteration - 1}")
+        raise TrainingError(f"{stage} of iteration {iteration} continues from {source}, which is not in the store "
+                            f"({store.uri}/{prev_prefix})")
     sources = data_sources(config, iteration, role)
 
     cuda, precision = _precision(config)
