@@ -230,7 +230,8 @@ class Retry(Model):
 # margin: a stage past its deadline is hung, not slow.
 DEFAULT_STAGE_DEADLINES = {"self-instruct": 12 * 3600, "respond": 48 * 3600, "extend": 72 * 3600,
                            "build-sft": 2 * 3600, "train-generator": 72 * 3600, "train-extender": 72 * 3600,
-                           "evaluate": 12 * 3600, "collect": 24 * 3600}
+                           "evaluate": 12 * 3600, "collect": 24 * 3600, "train-length-following": 72 * 3600,
+                           "evaluate-length-following": 12 * 3600}
 
 
 class Deadlines(Model):

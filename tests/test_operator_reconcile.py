@@ -471,5 +471,6 @@ def test_length_following_trains_as_a_gpu_job_then_is_served_and_evaluated():
     stages = world.status["history"][1]["stages"]
     assert stages["train-length-following"]["artifactUri"].endswith("runs/demo/train-length-following")  # the run's
     assert stages["evaluate-length-following"]["state"] == "Succeeded"
+    assert train["spec"]["activeDeadlineSeconds"] == 72 * 3600 and job["spec"]["activeDeadlineSeconds"] == 12 * 3600
     assert "evaluate-length-following-serving" in stages
     assert world.names("Deployment") == []
