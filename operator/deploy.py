@@ -56,6 +56,8 @@ PERMISSIONS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
     (GROUP, f"{PLURAL}/finalizers", ("update",), "both", "children owned with blockOwnerDeletion (OpenShift)"),
     ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete"), "both",
      "stage Jobs: watched (wake-ups), made, suspended/resumed, adopted after a conflict, deleted"),
+    # with a Kueue queue, suspend and resume (de)activate the Kueue Workloads of the run's Jobs
+    ("kueue.x-k8s.io", "workloads", ("list", "patch"), "both", "Kueue Workloads of queued Jobs: found, (de)activated"),
     ("apps", "deployments", ("get", "list", "watch", "create", "patch", "delete"), "both",
      "vLLM Deployments: watched, made, scaled, adopted, deleted"),
     ("", "services", ("get", "list", "create", "delete"), "both", "inference and rendezvous Services"),

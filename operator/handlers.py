@@ -27,9 +27,33 @@ from ..pipeline.config import ConfigError
 from ..pipeline.metrics import Metrics, metrics
 from ..pipeline.urls import redact, redact_log_records
 from .crd import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from .kube import BY_KIND, CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, PODS, SERVICES, ApiError, Kube, Resource
+from .kube import (
+    BY_KIND,
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    EVENTS,
+    JOB_UID_LABEL,
+    JOBS,
+    PODS,
+    SERVICES,
+    WORKLOADS,
+    ApiError,
+    Kube,
+    Resource,
+)
 from .probe import Probe, store_probe
-from .reconcile import Action, Event, Observed, Plan, child_rejected, cleanup_actions, invalid_spec, reconcile
+from .reconcile import (
+    Action,
+    Event,
+    Observed,
+    Plan,
+    child_rejected,
+    cleanup_actions,
+    invalid_spec,
+    job_complete,
+    job_failed,
+    reconcile,
+)
 from .resources import LABEL_RUN, MANAGED_BY, Run, selector
 from .spec import parse_spec, run_steps
 
@@ -165,8 +189,21 @@ class Controller:
 
         observed = Observed(deployments=mine(deps), services=mine(svcs), jobs=mine(jobs), config_maps=mine(cms),
                             pods=pods)
+        if run.cluster.scheduling.queue_name:
+            observed.workloads = await self.observe_workloads(kube, run, observed.jobs)
         await self.observe_store(run, status, observed, logger)
         return observed
+
+    async def observe_workloads(self, kube: Kube, run: Run, jobs: dict[str, dict]) -> dict[str, dict]:
+        """Kueue's Workloads of the run's unfinished Jobs (the ones suspend and resume act on): selected by the
+        server on the Job UID label Kueue puts on each, and kept only when one of those Jobs owns them."""
+        uids = {j["metadata"]["uid"] for j in jobs.values() if j.get("metadata", {}).get("uid")
+                and not job_complete(j) and not job_failed(j)}
+        if not uids:
+            return {}
+        found = await kube.list(WORKLOADS, run.namespace, f"{JOB_UID_LABEL} in ({','.join(sorted(uids))})")
+        return {w["metadata"]["name"]: w for w in found
+                if any(o.get("uid") in uids for o in w["metadata"].get("ownerReferences") or [])}
 
     async def observe_store(self, run: Run, status: dict, observed: Observed, logger: logging.Logger) -> None:
         """Completion markers of the stages not yet known done, in order, up to the first one missing; and the

@@ -46,8 +46,11 @@ CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
 PODS = Resource("", "v1", "pods", "Pod")
 SECRETS = Resource("", "v1", "secrets", "Secret")
 EVENTS = Resource("", "v1", "events", "Event")
+# Kueue's unit of admission: one per queued Job, made by Kueue (owner reference to the Job, label JOB_UID_LABEL)
+WORKLOADS = Resource("kueue.x-k8s.io", "v1beta1", "workloads", "Workload")
+JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 LIST_CHUNK = 500  # objects per LIST response (limit/continue), so that no one response holds a whole namespace
-BY_KIND = {r.kind: r for r in (DEPLOYMENTS, JOBS, SERVICES, CONFIGMAPS, PODS, SECRETS, EVENTS)}
+BY_KIND = {r.kind: r for r in (DEPLOYMENTS, JOBS, SERVICES, CONFIGMAPS, PODS, SECRETS, EVENTS, WORKLOADS)}
 
 
 class ApiError(Exception):
@@ -145,11 +148,14 @@ class Kube:
                 return None
             raise
 
-    async def list(self, res: Resource, namespace: str, selector: dict[str, str] | None = None, *,
+    async def list(self, res: Resource, namespace: str, selector: dict[str, str] | str | None = None, *,
                    chunk: int = LIST_CHUNK) -> list[dict]:
-        """The objects matching the label selector (filtered by the server), fetched `chunk` at a time."""
+        """The objects matching the label selector (filtered by the server: a dict of equalities, or the selector's
+        text), fetched `chunk` at a time."""
         params = {"limit": str(chunk)}
-        if selector:
+        if isinstance(selector, str):
+            params["labelSelector"] = selector
+        elif selector:
             params["labelSelector"] = ",".join(f"{k}={v}" for k, v in selector.items())
         items: list[dict] = []
         while True:

@@ -81,12 +81,14 @@ class Observed:
     pods: list[dict] = field(default_factory=list)
     done: set[tuple[int, str]] = field(default_factory=set)  # (iteration, stage) with _SUCCESS in the store
     manifests: dict[tuple[int, str], dict] = field(default_factory=dict)
+    # with a Kueue queue: Kueue's Workloads of the unfinished Jobs, by name (each owned by its Job)
+    workloads: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
 class Action:
     verb: str  # create | patch | delete
-    kind: str  # ConfigMap | Service | Deployment | Job
+    kind: str  # ConfigMap | Service | Deployment | Job | Workload
     name: str
     body: dict | None = None  # the manifest (create) or a JSON merge patch (patch)
 
@@ -265,6 +267,22 @@ class _Reconciler:
 
     def iteration_record_if_any(self, k: int) -> dict | None:
         return next((r for r in self.status.get("history", []) if r.get("iteration") == k), None)
+
+    def workloads_of(self, job: dict) -> list[tuple[str, dict]]:
+        """Kueue's Workloads of a Job: those it owns."""
+        uid = job.get("metadata", {}).get("uid")
+        return [(n, w) for n, w in self.obs.workloads.items()
+                if uid and any(o.get("uid") == uid for o in w.get("metadata", {}).get("ownerReferences") or [])]
+
+    def set_active(self, job: dict, active: bool) -> bool:
+        """Kueue's own stop and start of a queued Job: (de)activate its Workloads (Kueue then suspends the Job, or
+        queues it again and unsuspends it once admitted). `spec.suspend` is Kueue's there, never patched. False when
+        Kueue has not made the Job's Workload yet."""
+        found = self.workloads_of(job)
+        for name, wl in found:
+            if (wl.get("spec") or {}).get("active", True) is not active:
+                self.act("patch", "Workload", name, {"spec": {"active": active}})
+        return bool(found)
 
     def serving_deployments(self) -> dict[str, dict]:
         return {n: d for n, d in self.obs.deployments.items() if _label(d, LABEL_COMPONENT) == "inference"}
@@ -539,7 +557,9 @@ class _Reconciler:
                 return
         else:
             rec.pop("stuck", None)
-        if (job.get("spec") or {}).get("suspend") and not self.cl.scheduling.queue_name:
+        if self.cl.scheduling.queue_name:
+            self.set_active(job, True)  # resumed (Kueue admits it again)
+        elif (job.get("spec") or {}).get("suspend"):
             self.act("patch", "Job", rec["child"], {"spec": {"suspend": False}})  # resumed
 
     # ---- the whole
@@ -696,15 +716,22 @@ class _Reconciler:
 
     def suspend(self) -> Plan:
         st = self.status
+        queued = bool(self.cl.scheduling.queue_name)
         for name, job in self.obs.jobs.items():
-            if not (job.get("spec") or {}).get("suspend") and not job_complete(job) and not job_failed(job):
+            if job_complete(job) or job_failed(job):
+                continue
+            if queued:
+                if not self.set_active(job, False):
+                    self.wait(5)  # Kueue makes the Workload shortly: deactivate it then
+            elif not (job.get("spec") or {}).get("suspend"):
                 self.act("patch", "Job", name, {"spec": {"suspend": True}})
         for name, dep in self.serving_deployments().items():
             if (dep.get("spec") or {}).get("replicas"):
                 self.act("patch", "Deployment", name, {"spec": {"replicas": 0}})
         if st.get("phase") != "Suspended":
             self.event("Normal", "Suspended", f"suspended at iteration {st.get('currentIteration')}: "
-                       f"{st.get('stage')} (Jobs suspended, inference scaled to 0)")
+                       f"{st.get('stage')} ({'Kueue Workloads deactivated' if queued else 'Jobs suspended'}, "
+                       "inference scaled to 0)")
         st["phase"] = "Suspended"
         return self.finish()
 

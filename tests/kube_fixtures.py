@@ -68,12 +68,12 @@ class World:
         self.statuses: list[dict] = []  # every status emitted, in order
 
     def observed(self) -> Observed:
-        by_kind: dict[str, dict] = {"Deployment": {}, "Service": {}, "Job": {}, "ConfigMap": {}}
+        by_kind: dict[str, dict] = {"Deployment": {}, "Service": {}, "Job": {}, "ConfigMap": {}, "Workload": {}}
         for (kind, name), obj in self.objects.items():
             by_kind[kind][name] = copy.deepcopy(obj)
         return Observed(deployments=by_kind["Deployment"], services=by_kind["Service"], jobs=by_kind["Job"],
                         config_maps=by_kind["ConfigMap"], pods=copy.deepcopy(self.pods), done=set(self.done),
-                        manifests=dict(self.manifests))
+                        manifests=dict(self.manifests), workloads=by_kind["Workload"])
 
     def step(self, advance: float = 1.0) -> Plan:
         self.now += dt.timedelta(seconds=advance)
@@ -452,7 +452,20 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
                     return await self._render_error(exc)
         return response
 
+    def _check_workload_write(self, request) -> None:
+        """Kueue's webhook on a Workload update: of its spec only `active` may change (podSets, queueName and the
+        rest are immutable once Kueue made it), so a client that rewrites more is refused as Kueue refuses it."""
+        res, data = request.resource, request.data
+        if res is None or res.group != "kueue.x-k8s.io" or res.plural != "workloads" or \
+                request.action != _kmock_enums.action.UPDATE or request.subresource or not isinstance(data, dict):
+            return
+        changed = sorted(set(data.get("spec") or {}) - {"active"})
+        if changed:
+            raise _invalid(request, request.name or "", [(f"spec.{f}", "FieldValueInvalid", "field is immutable")
+                                                         for f in changed], kind="Workload")
+
     async def _handle_realistically(self, request):
+        self._check_workload_write(request)
         if request.resource is not None and request.resource in self.strict_resources and \
                 request.action in (_kmock_enums.action.CREATE, _kmock_enums.action.UPDATE):
             self._admit_run(request)
@@ -605,7 +618,13 @@ PATHS = {
     "Event": f"/api/v1/namespaces/{NS}/events",
     "Secret": f"/api/v1/namespaces/{NS}/secrets",
     "KopfPeering": f"/apis/kopf.dev/v1/namespaces/{NS}/kopfpeerings",
+    "Workload": f"/apis/kueue.x-k8s.io/v1beta1/namespaces/{NS}/workloads",
 }
+QUEUE_LABEL, JOB_UID_LABEL = "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/job-uid"
+# Kueue's Workload resource as its CRD declares it (the parts the tests touch: names, scope, status subresource)
+WORKLOAD_CRD = {"spec": {"group": "kueue.x-k8s.io", "scope": "Namespaced",
+                         "names": {"kind": "Workload", "plural": "workloads", "singular": "workload"},
+                         "versions": [{"name": "v1beta1", "subresources": {"status": {}}}]}}
 CHILD_PLURALS = ("configmaps", "services", "deployments", "jobs")
 MERGE = {"Content-Type": "application/merge-patch+json"}
 
@@ -642,6 +661,7 @@ async def prepare_api(k8s) -> None:
     k8s.register_crd(crd())
     for peering in peering_crds():
         k8s.register_crd(peering)
+    k8s.register_crd(WORKLOAD_CRD)
     async with aiohttp.ClientSession(base_url=str(k8s.url)) as session:
         async with session.post("/api/v1/namespaces", json={"metadata": {"name": NS}}) as rsp:
             assert rsp.status < 400
@@ -769,6 +789,50 @@ class Cluster:
              "message": "Job has reached the specified backoff limit"},
             {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
              "message": "Job has reached the specified backoff limit"}]}}, "status")
+
+    async def kueue(self) -> list[str]:
+        """One pass of Kueue's Job integration, with a queue that has room for everything: each Job labelled with
+        a queue gets a Workload (named job-<job>-<hash>, labelled with the Job's UID, owned by the Job); an active
+        Workload is admitted and its Job unsuspended (also when someone else suspended it: Kueue starts an
+        admitted Job again); a deactivated one (spec.active false) is evicted and its Job suspended. Returns what
+        it did."""
+        done = []
+        workloads = await self.items("Workload")
+        for job in await self.items("Job"):
+            meta = job["metadata"]
+            queue = (meta.get("labels") or {}).get(QUEUE_LABEL)
+            conditions = {c["type"] for c in (job.get("status") or {}).get("conditions") or []
+                          if c.get("status") == "True"}
+            if not queue or conditions & {"Complete", "Failed"} or meta.get("deletionTimestamp"):
+                continue
+            wl = next((w for w in workloads if (w["metadata"].get("labels") or {}).get(JOB_UID_LABEL) == meta["uid"]),
+                      None)
+            if wl is None:
+                wl = await self.request("POST", PATHS["Workload"], {
+                    "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+                    "metadata": {"name": f"job-{meta['name']}-{meta['uid'][:5]}",
+                                 "labels": {JOB_UID_LABEL: meta["uid"]},
+                                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                                      "uid": meta["uid"], "controller": True,
+                                                      "blockOwnerDeletion": True}]},
+                    "spec": {"queueName": queue, "active": True, "podSets": [
+                        {"name": "main", "count": job["spec"].get("parallelism", 1)}]}})
+                done.append(f"workload {wl['metadata']['name']}")
+            active = (wl.get("spec") or {}).get("active", True)
+            suspended = bool(job["spec"].get("suspend"))
+            if active and suspended:
+                await self.patch("Workload", wl["metadata"]["name"], {"status": {"conditions": [
+                    {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved"},
+                    {"type": "Admitted", "status": "True", "reason": "Admitted"}]}}, "status")
+                await self.patch("Job", meta["name"], {"spec": {"suspend": False}})
+                done.append(f"admitted {meta['name']}")
+            elif not active and not suspended:
+                await self.patch("Workload", wl["metadata"]["name"], {"status": {"conditions": [
+                    {"type": "Evicted", "status": "True", "reason": "InactiveWorkload"},
+                    {"type": "Admitted", "status": "False", "reason": "NoReservation"}]}}, "status")
+                await self.patch("Job", meta["name"], {"spec": {"suspend": True}})
+                done.append(f"evicted {meta['name']}")
+        return done
 
     async def scale_down(self) -> None:
         for dep in await self.names("Deployment"):

@@ -284,6 +284,51 @@ async def test_vllm_never_healthy_fails_serving_after_the_startup_timeout(cluste
         assert await cluster.names("Job") == []
 
 
+async def test_suspend_and_resume_under_kueue_go_through_the_workload(cluster):
+    """With a Kueue queue, Job.spec.suspend is Kueue's: the operator deactivates the Job's Workload to suspend
+    (Kueue evicts it and suspends the Job) and activates it again to resume (Kueue admits and unsuspends it)."""
+    job = "demo-i01-self-instruct-a1"
+
+    def workload_active(value):
+        async def check():
+            wls = [w for w in await cluster.items("Workload")
+                   if w["metadata"]["ownerReferences"][0]["name"] == job]
+            return len(wls) == 1 and wls[0]["spec"]["active"] is value
+        return check
+
+    async with operator(cluster):
+        await cluster.apply("demo", spec(iterations=1, scheduling={"queueName": "gpus"}))
+        await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving")
+        await cluster.play()
+        assert (await cluster.get("Job", job))["spec"]["suspend"] is True  # created suspended: Kueue admits it
+        uid = (await cluster.get("Job", job))["metadata"]["uid"]
+        assert await cluster.kueue() == [f"workload job-{job}-{uid[:5]}", f"admitted {job}"]
+        assert (await cluster.get("Job", job))["spec"]["suspend"] is False
+        await cluster.patch_run({"spec": {"suspend": True}})
+        await cluster.wait(lambda s: s.get("phase") == "Suspended", "Suspended")
+        await cluster.until(workload_active(False), "the Workload deactivated")
+        assert await cluster.kueue() == [f"evicted {job}"]  # Kueue's own stop: the Job suspended by Kueue
+        await cluster.patch("Deployment", "demo-m00-vllm-a1", {"status": {"replicas": 0, "readyReplicas": 0}},
+                            "status")
+        await asyncio.sleep(0.5)
+        assert await cluster.kueue() == []  # nothing fights: the Job stays suspended, the Workload inactive
+        assert (await cluster.get("Job", job))["spec"]["suspend"] is True
+        await cluster.patch_run({"spec": {"suspend": False}})
+        await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving again")
+        await cluster.ready("demo-m00-vllm-a1")
+        await cluster.wait(lambda s: s.get("phase") == "Generating", "Generating")
+        await cluster.until(workload_active(True), "the Workload activated")
+        assert await cluster.kueue() == [f"admitted {job}"]
+        assert (await cluster.get("Job", job))["spec"]["suspend"] is False
+        # the operator never wrote the field Kueue owns
+        assert not [w for w in cluster.k8s.log if w.who and w.plural == "jobs" and w.action == "UPDATE"
+                    and "suspend" in ((w.body or {}).get("spec") or {})]
+        assert [w.body["spec"] for w in cluster.k8s.log if w.who and w.plural == "workloads"] == [
+            {"active": False}, {"active": True}]
+        reasons = [e["reason"] for e in await cluster.events()]
+        assert "Suspended" in reasons and "Resumed" in reasons
+
+
 async def test_suspend_and_resume(cluster):
     async with operator(cluster):
         await cluster.apply("demo", spec(iterations=1))

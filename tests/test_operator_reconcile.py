@@ -270,6 +270,37 @@ def test_kueue_jobs_start_suspended_and_are_left_to_kueue():
     assert world.settle().actions == []
 
 
+def test_kueue_suspend_and_resume_deactivate_and_activate_the_workload_never_the_job():
+    world = World(make_run(spec(scheduling={"queueName": "gpus"})))
+    world.settle()
+    world.ready("demo-m00-vllm-a1")
+    world.settle()
+    job = world.objects[("Job", "demo-i01-self-instruct-a1")]
+    job["metadata"]["uid"] = "job-uid-1"
+    job["spec"]["suspend"] = False  # Kueue admitted it
+    world.run = make_run(spec(scheduling={"queueName": "gpus"}, suspend=True))
+    plan = world.step()
+    assert [repr(a) for a in plan.actions] == ["patch Deployment/demo-m00-vllm-a1"]  # no Workload yet: wait for it
+    assert world.status["phase"] == "Suspended" and plan.requeue_after == pytest.approx(5)
+    world.objects[("Workload", "job-demo-i01-self-instruct-a1-1a2b3")] = {  # Kueue made it
+        "metadata": {"name": "job-demo-i01-self-instruct-a1-1a2b3", "labels": {"kueue.x-k8s.io/job-uid": "job-uid-1"},
+                     "ownerReferences": [{"kind": "Job", "name": "demo-i01-self-instruct-a1", "uid": "job-uid-1"}]},
+        "spec": {"queueName": "gpus", "active": True}}
+    plan = world.step()
+    assert [(repr(a), a.body) for a in plan.actions] == [
+        ("patch Workload/job-demo-i01-self-instruct-a1-1a2b3", {"spec": {"active": False}})]
+    assert world.settle().actions == [] and job["spec"]["suspend"] is False  # the Job is Kueue's to suspend
+    world.scaled_to_zero("demo-m00-vllm-a1")
+    world.run = make_run(spec(scheduling={"queueName": "gpus"}))
+    world.settle()
+    world.ready("demo-m00-vllm-a1")
+    plan = world.step()
+    assert [(repr(a), a.body) for a in plan.actions] == [
+        ("patch Workload/job-demo-i01-self-instruct-a1-1a2b3", {"spec": {"active": True}})]
+    assert world.status["phase"] == "Generating" and world.settle().actions == []
+    assert all(not (a.kind == "Job" and a.verb == "patch") for a in plan.actions)
+
+
 def test_more_iterations_after_success_continue_the_run():
     world = World(make_run(spec(iterations=1)))
     run_to_completion(world)

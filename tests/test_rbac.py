@@ -5,9 +5,10 @@ the rules of one install mode for the operator's token: every request outside th
 real API server would. Each mode's run must succeed without a single refusal, and every (group, resource, verb)
 the rules grant must have been used: the rules cover every call the operator makes, and nothing more.
 
-The scenario walks each code path that makes a distinct call: serving, every stage, suspend and resume, a
-configuration change, children that already exist (a create answered 409, adopted through a get), scale-down,
-finished Jobs deleted, and the deletion of the run (finalizer, children, artifacts).
+The scenario walks each code path that makes a distinct call: serving, every stage, suspend and resume (of Jobs,
+and of a queued run's Kueue Workloads), a configuration change, children that already exist (a create answered
+409, adopted through a get), scale-down, finished Jobs deleted, and the deletion of the run (finalizer, children,
+artifacts).
 """
 
 from __future__ import annotations
@@ -210,6 +211,25 @@ async def whole_run(k8s, monkeypatch, scope: str) -> MemoryProbe:
 
             await admin.until(run_gone, "the run deleted")
             assert admin.probe.deleted and await admin.names("ConfigMap") == []
+
+            # a run in a Kueue queue: suspend and resume (de)activate its Job's Workload (Kueue plays its part)
+            await admin.apply("queued", spec(iterations=1, scheduling={"queueName": "gpus"}))
+            await admin.wait(phase("Serving"), "Serving", name="queued")
+            await admin.play("queued")
+            await admin.kueue()
+            await admin.patch_run({"spec": {"suspend": True}}, name="queued")
+            await admin.wait(phase("Suspended"), "Suspended", name="queued")
+
+            def workload_active(value):
+                async def check():
+                    return [w["spec"]["active"] for w in await admin.items("Workload")] == [value]
+                return check
+
+            await admin.until(workload_active(False), "the Workload deactivated", name="queued")
+            await admin.patch_run({"spec": {"suspend": False}}, name="queued")
+            await admin.wait(phase("Serving", "Generating"), "resumed", name="queued")
+            await admin.ready("queued-m00-vllm-a1")
+            await admin.until(workload_active(True), "the Workload activated", name="queued")
     assert sorted(k8s.conflicts) == sorted(CHILD_PLURALS), "every kind of child met an existing one once"
     return admin.probe
 
