@@ -88,7 +88,7 @@ class Reference:
                 examples = rng.sample(pool, k=min(si.few_shot, len(pool)))
             text = self.chat(cfg.models.generator, prompts.self_instruct_messages("en", examples), si.max_tokens,
                              rng.getrandbits(31), continue_final=True)
-            instruction = prompts.parse_instruction(text)
+            instruction = prompts.parse_instruction(text).split("\n", 1)[0].strip()  # the reference: first line
             verdict = self.chat(cfg.models.generator, [{"role": "user", "content": prompts.render(
                 "en", "judge", instruction=instruction)}], 8, rng.getrandbits(31))
             if prompts.parse_judgement(verdict) and si.min_words < count_words(instruction) < si.max_words:

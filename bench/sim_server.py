@@ -65,6 +65,13 @@ class SimModel:
     former_growth: tuple[float, float] = (1.3, 2.0)  # enriched first half / first half
     latter_growth: tuple[float, float] = (1.05, 1.5)  # whole candidate / current text
     error_rate: float = 0.0  # share of requests answered 503 (to exercise retries)
+    # The context (vLLM --max-model-len, listed in /v1/models): as strict as vLLM's strictest versions, a request
+    # whose prompt + max_tokens exceeds it is answered 400. Tokens are words, plus 4 per message.
+    max_model_len: int = 32768
+    # Few-shot instruction completion: False, the model writes one item and opens the next ("Request N:"), then
+    # stops; True, as a chat model listing requests does, it goes on writing items until a stop string or
+    # max_tokens (what self-instruct without stop strings pays for).
+    instruction_runs_on: bool = False
 
     def throughput(self, n: int) -> float:
         """Aggregate decode tokens per simulated second with n requests decoding."""
@@ -96,6 +103,7 @@ class EngineStats:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     errors: int = 0
+    refused: int = 0  # requests answered 400: over the context
     by_kind: dict = field(default_factory=dict)
     first_arrival: float | None = None  # real loop time
     last_finish: float | None = None
@@ -234,6 +242,7 @@ class Engine:
         return {
             "requests": s.requests,
             "errors": s.errors,
+            "refused": s.refused,
             "completionTokens": s.completion_tokens,
             "promptTokens": s.prompt_tokens,
             "byKind": dict(s.by_kind),
@@ -344,6 +353,34 @@ def _seed_of(body: dict, raw: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big")
 
 
+def _apply_stop(text: str, tokens: int, stop: object, max_tokens: int) -> tuple[str, int, str]:
+    """vLLM's stop strings: the text ends before the first one (tokens counted up to there); else "length" when
+    the text used all of max_tokens."""
+    stops = [s for s in (stop if isinstance(stop, list) else [stop] if isinstance(stop, str) else []) if s]
+    hits = [text.find(s) for s in stops if s in text]
+    if hits:
+        text = text[: min(hits)]
+        return text, max(1, len(text.split())), "stop"
+    return text, tokens, "length" if tokens >= max_tokens else "stop"
+
+
+def prompt_tokens_of(messages: list) -> int:
+    """The simulated tokenizer: words of the contents plus 4 per message (the chat template's)."""
+    return sum(len((msg.get("content") if isinstance(msg.get("content"), str) else "").split()) + 4
+               for msg in messages if isinstance(msg, dict))
+
+
+def context_refusal(m: SimModel, prompt_tokens: int, max_tokens: int) -> str | None:
+    """vLLM's 400 message for a request that does not fit the context; None when it fits."""
+    if max_tokens > m.max_model_len:
+        return f"max_tokens={max_tokens} cannot be greater than max_model_len={m.max_model_len}."
+    if prompt_tokens + max_tokens > m.max_model_len:
+        return (f"This model's maximum context length is {m.max_model_len} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                f"completion). Please reduce the length of the messages or completion.")
+    return None
+
+
 def generate(m: SimModel, body: dict, raw: bytes) -> tuple[str, int, int, str, str]:
     """(text, completion_tokens, prompt_tokens, finish_reason, kind) for a chat request: deterministic in the
     request (model, seed, messages, max_tokens) and the model's seed."""
@@ -351,7 +388,7 @@ def generate(m: SimModel, body: dict, raw: bytes) -> tuple[str, int, int, str, s
     max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16384)
     rng = random.Random(_seed_of(body, raw) * 1_000_003 + m.seed)
     contents = [(msg.get("content") if isinstance(msg.get("content"), str) else "") for msg in messages]
-    prompt_tokens = sum(len(c.split()) for c in contents) + 4 * len(messages)
+    prompt_tokens = prompt_tokens_of(messages)
     if body.get("ignore_eos"):
         tokens = max_tokens
         return prose(rng, tokens), tokens, prompt_tokens, "length", "fixed"
@@ -360,14 +397,24 @@ def generate(m: SimModel, body: dict, raw: bytes) -> tuple[str, int, int, str, s
     marks = _markers()
     continue_final = bool(body.get("continue_final_message")) and last.get("role") == "assistant"
     if continue_final and (item := _ITEM.search(contents[-1])):
-        # Few-shot instruction completion: one new request on its line, then the next item opened.
-        if rng.random() < m.short_instruction_rate:
-            words = rng.randint(2, 3)
-        else:
-            words = rng.randint(*m.instruction_words)
-        words = min(words, max_tokens)
-        text = " " + " ".join(_sentences(rng, words)) + f"\nRequest {int(item.group(1)) + 1}:"
-        return text, words + 2, prompt_tokens, "stop", "self-instruct"  # + "Request N:"
+        # Few-shot instruction completion: one new request on its line, then the next item opened (and, when the
+        # model runs on, more items until a stop string or max_tokens).
+        def one() -> int:
+            return rng.randint(2, 3) if rng.random() < m.short_instruction_rate else rng.randint(*m.instruction_words)
+
+        number = int(item.group(1))
+        words = min(one(), max_tokens)
+        text, tokens = " " + " ".join(_sentences(rng, words)), words
+        while tokens < max_tokens:
+            number += 1
+            text += f"\nRequest {number}:"
+            tokens += 2
+            if not m.instruction_runs_on:
+                break
+            more = min(one(), max_tokens - tokens)
+            text, tokens = text + " " + " ".join(_sentences(rng, max(1, more))), tokens + max(1, more)
+        text, tokens, finish = _apply_stop(text, tokens, body.get("stop"), max_tokens)
+        return text, tokens, prompt_tokens, finish, "self-instruct"
     if user.startswith(marks["judge_head"]):
         return ("Yes." if rng.random() < m.judge_yes_rate else "No."), 1, prompt_tokens, "stop", "judge"
     if user.startswith(marks["extend_head"]) and marks["answer"] in user:
@@ -388,7 +435,7 @@ def generate(m: SimModel, body: dict, raw: bytes) -> tuple[str, int, int, str, s
 
 
 class SimHTTP:
-    def __init__(self, model: SimModel, served: tuple[str, ...] = ("generator", "extender")):
+    def __init__(self, model: SimModel, served: tuple[str, ...] = ("generator", "extender", "base")):
         self.model = model
         self.served = served
         self.engine: Engine | None = None
@@ -428,7 +475,8 @@ class SimHTTP:
         if path == "/health":
             return "200 OK", "text/plain", b""
         if path == "/v1/models":
-            data = [{"id": name, "object": "model", "owned_by": "sim"} for name in self.served]
+            data = [{"id": name, "object": "model", "owned_by": "sim", "max_model_len": self.model.max_model_len}
+                    for name in self.served]
             return "200 OK", "application/json", json.dumps({"object": "list", "data": data}).encode()
         if path == "/sim/stats":
             return "200 OK", "application/json", json.dumps(self.engine.snapshot()).encode()
@@ -437,6 +485,11 @@ class SimHTTP:
             return "200 OK", "application/json", b"{}"
         if path == "/v1/chat/completions" and method == "POST":
             return await self.chat(raw)
+        if path == "/tokenize" and method == "POST":  # vLLM's, beside /v1: a chat prompt's tokens
+            body = json.loads(raw)
+            count = prompt_tokens_of(body.get("messages") or [])
+            doc = {"count": count, "max_model_len": self.model.max_model_len, "tokens": []}
+            return "200 OK", "application/json", json.dumps(doc).encode()
         return "404 Not Found", "application/json", b'{"error": {"message": "not found"}}'
 
     async def chat(self, raw: bytes) -> tuple[str, str, bytes]:
@@ -449,6 +502,12 @@ class SimHTTP:
         if self.model.error_rate and self.error_rng.random() < self.model.error_rate:
             self.engine.stats.errors += 1
             return "503 Service Unavailable", "application/json", b'{"error": {"message": "overloaded"}}'
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 16384
+        refusal = context_refusal(self.model, prompt_tokens_of(body.get("messages") or []), int(max_tokens))
+        if refusal:
+            self.engine.stats.refused += 1
+            return "400 Bad Request", "application/json", json.dumps({"object": "error", "message": refusal,
+                                                                     "code": 400}).encode()
         text, tokens, prompt_tokens, finish, kind = generate(self.model, body, raw)
         await self.engine.submit(prompt_tokens, tokens, kind)
         self.ids += 1

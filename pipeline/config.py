@@ -67,6 +67,11 @@ class Sampling(Model):
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=16)
 
 
+# The served name of the base model. Self-instruct and its yes/no judge ask it in every iteration (the reference
+# does: a model tuned for long answers writes essays where a bare yes/no or one instruction is wanted).
+BASE_MODEL_NAME = "base"
+
+
 class Models(Model):
     """Which model plays which role, and where it is served."""
 
@@ -102,6 +107,13 @@ class Models(Model):
     def _base_reference(cls, value: str) -> str:
         return check_reference(value)
 
+    @field_validator("generator", "extender")
+    @classmethod
+    def _not_the_base_name(cls, value: str) -> str:
+        if value == BASE_MODEL_NAME:
+            raise ValueError(f"{BASE_MODEL_NAME!r} is the served name of the base model (self-instruct asks it)")
+        return value
+
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_http(cls, value: str | None) -> str | None:
@@ -123,7 +135,14 @@ class SelfInstruct(Model):
     max_words: int = Field(500, ge=1, description="An instruction needs fewer words than this")
     judge: bool = Field(True, description="Ask the model whether the instruction suits a long answer")
     seed_file: str | None = Field(None, description="JSONL of seed instructions ({'prompt': ...}); default: packaged")
-    max_tokens: int | None = Field(None, ge=1, description="Overrides sampling.maxTokens for instruction completions")
+    # Small: a completion stops at the next item's label (a stop string); this bounds one that never writes it.
+    # 1024 tokens hold an instruction of maxWords (500) words in English or Chinese.
+    max_tokens: int = Field(1024, ge=1, description="Tokens of an instruction completion at most")
+    max_similarity: float = Field(
+        0.9, gt=0, le=1,
+        description="Reject an instruction whose fuzzy similarity (normalized Indel ratio, rapidfuzz) to one in "
+        "the pool reaches this (1: exact duplicates only)",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> SelfInstruct:

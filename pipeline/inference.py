@@ -3,6 +3,13 @@
 Retried: 429, 5xx, timeouts and connection errors, with exponential backoff and full jitter. When the server
 stays unreachable past the deadline, every waiting request fails with ServerUnavailable, which names the
 endpoint and the last error. Other 4xx answers are not retried: they raise RequestRejected at once.
+
+Per-item refusals: with `budget` on, every chat request's max_tokens is the smaller of the configured value and
+the server's context length (vLLM's /v1/models `max_model_len`) minus the prompt's tokens (counted by the server's
+own tokenizer, vLLM's /tokenize), and a prompt that leaves no room raises ContextExceeded without being sent. A
+400/413/422 answer raises ItemRejected (ContextExceeded when it says the context is exceeded): the stage rejects
+that one item and goes on. Only a long streak of such refusals in a row, or any other 4xx, means the server or
+the configuration is wrong and stops the stage.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import ssl
 import time
 import urllib.request
@@ -50,6 +58,31 @@ class RequestRejected(InferenceError):
     def __init__(self, endpoint: str, status: int, body: str):
         super().__init__(f"inference server {endpoint} refused a request with HTTP {status}: {body[:500]}")
         self.status = status
+
+
+class ItemRejected(RequestRejected):
+    """The server refused this one request (HTTP 400/413/422): the stage rejects the item, with `reason`, and goes
+    on (a bad prompt or length, not a broken server)."""
+
+    reason = "refused"
+
+
+class ContextExceeded(ItemRejected):
+    """The prompt leaves no room for an answer in the server's context (found before sending, or said by a 400)."""
+
+    reason = "context"
+
+    def __init__(self, endpoint: str, status: int, body: str, *, prompt_tokens: int | None = None,
+                 context: int | None = None):
+        super().__init__(endpoint, status, body)
+        self.prompt_tokens, self.context = prompt_tokens, context
+
+
+# A 400 that says the request does not fit the model's context (vLLM: "This model's maximum context length is N
+# tokens ...", "Input length (N) exceeds model's maximum context length (M).", "max_tokens=N cannot be greater
+# than max_model_len=M").
+_CONTEXT_ERROR = re.compile(r"maximum context length|max_model_len|context length", re.I)
+ITEM_STATUS = {400, 413, 422}
 
 
 class ModelNotFound(RequestRejected):
@@ -210,6 +243,7 @@ class InferenceClient:
         transport: httpx.AsyncBaseTransport | None = None,
         observe: Callable[[str, float], None] | None = None,
         alive: Callable[[], str | None] | None = None,
+        budget: bool = False,
     ):
         self.endpoint = endpoint.rstrip("/")
         self.config = config or ClientConfig()
@@ -225,6 +259,14 @@ class InferenceClient:
         # Start of the current stretch in which no request has succeeded (None while the server answers).
         self._down_since: float | None = None
         self._empty_streak = 0  # completions in a row without text (see EmptyReplies)
+        self._refused_streak = 0  # server refusals of single requests in a row (see ItemRejected)
+        # Context budgeting (see the module docstring): the context length per model (None: unknown) and the
+        # tokens of an empty user turn (the chat template's own), learnt from the server once.
+        self.budget = budget
+        self._contexts: dict[str, int | None] | None = None
+        self._overheads: dict[str, int | None] = {}
+        self._learn = asyncio.Lock()
+        self._root = self.endpoint.removesuffix("/v1")  # vLLM serves /tokenize beside /v1, not under it
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         cfg = self.config
         self._http = httpx.AsyncClient(
@@ -258,12 +300,26 @@ class InferenceClient:
     ) -> Generation:
         """A chat completion. With continue_final the last message is an assistant prefix the model continues
         (vLLM's continue_final_message); the returned text is the continuation only."""
-        body = self._sampling_body(model, sampling, max_tokens, seed)
+        wanted = max_tokens or sampling.max_tokens
+        if self.budget:
+            wanted = await self.fit_max_tokens(model, messages, wanted, continue_final=continue_final)
+        body = self._sampling_body(model, sampling, wanted, seed)
         body["messages"] = messages
         if continue_final:
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
-        data = await self.post("/chat/completions", body)
+        try:
+            data = await self.post("/chat/completions", body)
+        except ItemRejected:
+            self._refused_streak += 1
+            if self._refused_streak >= self.REFUSED_STREAK_LIMIT:
+                raise InferenceError(
+                    f"inference server {self.endpoint} refused the last {self._refused_streak} requests to model "
+                    f"{model!r} in a row (HTTP 400/413/422): not one bad item but a wrong setting; check sampling.* "
+                    f"and the models against the server"
+                ) from None
+            raise
+        self._refused_streak = 0
         choice = self._first_choice(data)
         message = choice.get("message")
         content = message.get("content") if isinstance(message, dict) else None
@@ -278,6 +334,68 @@ class InferenceClient:
 
     # Completions in a row without text (across the client's requests) that make it give up; see EmptyReplies.
     EMPTY_STREAK_LIMIT = 100
+    # Refused requests in a row (no success in between) that mean the configuration, not an item, is wrong.
+    REFUSED_STREAK_LIMIT = 50
+    # Tokens a chat template may add per message beyond its content (role markers, separators): the safe bound of
+    # fit_max_tokens, checked by the server's tokenizer whenever it is close.
+    TOKENS_PER_MESSAGE = 16
+
+    # -- the context budget ----------------------------------------------------------------------------------
+
+    async def context_length(self, model: str) -> int | None:
+        """The server's context length for `model` (vLLM's max_model_len in /v1/models); None when not given."""
+        if self._contexts is None:
+            async with self._learn:
+                if self._contexts is None:
+                    data = await self.get("/models")
+                    listed = data.get("data") if isinstance(data, dict) else None
+                    cards = [m for m in (listed if isinstance(listed, list) else [])
+                             if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                    own = {m["id"]: m.get("max_model_len") for m in cards
+                           if isinstance(m.get("max_model_len"), int) and not isinstance(m["max_model_len"], bool)}
+                    # vLLM lists a LoRA adapter without max_model_len, naming its base model as parent
+                    self._contexts = {m["id"]: own.get(m["id"], own.get(m.get("parent"))) for m in cards}
+                    if len(set(own.values())) == 1:  # one server, one context: also for names it did not list
+                        self._contexts.setdefault("", next(iter(own.values())))
+        return self._contexts.get(model, self._contexts.get(""))
+
+    async def count_prompt_tokens(self, model: str, messages: list[dict], *,
+                                  continue_final: bool = False) -> int | None:
+        """Tokens of the chat prompt as the server renders and tokenizes it (vLLM's /tokenize with messages);
+        None when the server has no /tokenize."""
+        body = {"model": model, "messages": messages, "add_generation_prompt": not continue_final,
+                "continue_final_message": continue_final}
+        try:
+            data = await self.post(self._root + "/tokenize", body)
+        except RequestRejected:
+            return None
+        count = data.get("count") if isinstance(data, dict) else None
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+    async def fit_max_tokens(self, model: str, messages: list[dict], wanted: int, *,
+                             continue_final: bool = False) -> int:
+        """min(wanted, context - prompt tokens); raises ContextExceeded when no token fits. The server counts the
+        prompt only when a safe bound (template tokens + UTF-8 bytes of the contents: no token is shorter than a
+        byte) does not already show that `wanted` fits."""
+        context = await self.context_length(model)
+        if context is None:
+            return wanted
+        if model not in self._overheads:
+            async with self._learn:
+                if model not in self._overheads:
+                    self._overheads[model] = await self.count_prompt_tokens(model, [{"role": "user", "content": ""}])
+        overhead = self._overheads[model]
+        size = sum(len(str(m.get("content") or "").encode()) for m in messages)
+        bound = (overhead or 0) + size + self.TOKENS_PER_MESSAGE * len(messages)
+        if overhead is not None and bound + wanted <= context:
+            return wanted
+        prompt = await self.count_prompt_tokens(model, messages, continue_final=continue_final)
+        if prompt is None:  # no tokenizer to ask: the bound where it leaves room, else let the server decide
+            return min(wanted, context - bound) if bound < context else wanted
+        if prompt >= context:
+            raise ContextExceeded(self.endpoint, 0, f"prompt of {prompt} tokens leaves no room in the context of "
+                                  f"{context} tokens", prompt_tokens=prompt, context=context)
+        return min(wanted, context - prompt)
 
     def _count_empty(self, model: str, generation: Generation) -> None:
         if generation.text.strip():
@@ -375,7 +493,10 @@ class InferenceClient:
                             self._observe("failed", 1)
                             if response.status_code == 404 and isinstance(body, dict) and body.get("model"):
                                 raise ModelNotFound(self.endpoint, 404, response.text, model=str(body["model"]))
-                            error = ModelNotFound if response.status_code == 404 else RequestRejected
+                            if response.status_code in ITEM_STATUS:
+                                error = (ContextExceeded if _CONTEXT_ERROR.search(response.text) else ItemRejected)
+                            else:
+                                error = ModelNotFound if response.status_code == 404 else RequestRejected
                             raise error(self.endpoint, response.status_code, response.text)
                         last_error = f"HTTP {response.status_code}: {response.text[:200]}"
                     self.stats.errors += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from . import prompts
 from .config import Judge, Sampling
-from .inference import InferenceClient
+from .inference import InferenceClient, ItemRejected
 
 _NUM = r"(\d+(?:\.\d+)?)"
 # The judge is told to answer "Score: N"; judges also write "**Score:** 8", "Rating: 7/10", "8 out of 10",
@@ -134,8 +134,11 @@ async def score(client: InferenceClient, judge: Judge, language: str, query: str
     """Ask the judge up to judge.maxAttempts times until its reply holds a score: {quality, judgeReply}."""
     reply = ""
     for attempt in range(judge.max_attempts):
-        gen = await client.chat(judge.model, judge_messages(language, query, response), JUDGE_SAMPLING,
-                                max_tokens=judge.max_tokens, seed=seed + attempt)
+        try:
+            gen = await client.chat(judge.model, judge_messages(language, query, response), JUDGE_SAMPLING,
+                                    max_tokens=judge.max_tokens, seed=seed + attempt)
+        except ItemRejected as err:  # e.g. an answer too long for the judge's context: unscored, not fatal
+            return {"quality": None, "judgeReply": f"({err.reason})", "judgeAttempts": attempt + 1}
         reply = gen.text.strip()
         value = parse_score(reply)
         if value is not None:

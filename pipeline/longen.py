@@ -237,3 +237,20 @@ def true_demand(words: int, kind: str) -> LengthDemand:
     if not demand_holds(demand, words):  # the arithmetic above guarantees it; a cheap check that it stays so
         raise AssertionError(f"length demand {demand} does not hold for {words} words")
     return demand
+
+
+# A length an instruction states of its own ("in 300 words", "a 2,000-word essay", "five hundred words", "a
+# 10-page report", "三千字", "500字左右"): self-instruct leaves such instructions out (the Generator's SFT set pairs
+# each with an answer 1.2x longer or more, which would teach it to ignore length demands), and collect adds its
+# demand only to instructions without one.
+_OWN_LENGTH = re.compile(
+    r"\d[\d,，]*\s*(?:k\b)?\s*-?\s*(?:words?|characters?|pages?|sentences?|tokens?)\b"
+    r"|(?:hundred|thousand)\s*-?\s*(?:words?|characters?|pages?)\b"
+    r"|\d[\d,，]*\s*(?:字|页|句)|[一二两三四五六七八九十百千万]+\s*(?:字|页)", re.I)
+
+
+def has_own_length(instruction: str) -> bool:
+    """True when the instruction states a length of its own (a count of words, characters or pages, or a demand
+    LonGen's parser reads)."""
+    return _OWN_LENGTH.search(instruction) is not None or parse_length_demand(instruction) is not None
+

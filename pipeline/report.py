@@ -217,6 +217,8 @@ def build_report(store: Store, config: RunConfig, iteration: int, *, history_to:
             "averageWordsInitial": collect.get("averageWordsInitial"), "averageWords": collect.get("averageWords"),
             "maxWords": collect.get("maxWords"), "output": collect.get("output"),
         },
+        # requests that did not fit the server's context, per stage (their items rejected, the stage went on)
+        "contextRejected": {s: r["rejected"]["context"] for s, r in stages.items() if r["rejected"].get("context")},
         "history": history,
     }
 
@@ -250,6 +252,10 @@ def render_markdown(report: dict) -> str:
         rejected = ", ".join(f"{r} {c}" for r, c in sorted(row["rejected"].items())) or "-"
         lines.append(f"| {stage} | {_fmt(row['requested'])} | {_fmt(row['accepted'])} | {_pct(row['acceptance'])} "
                      f"| {_fmt(row['requests'])} | {rejected} | {_fmt(row['durationSeconds'])} |")
+    over = report.get("contextRejected") or {}
+    if over:
+        lines += ["", "Requests that did not fit the server's context (their items rejected, counted above): "
+                  + ", ".join(f"{s} {n}" for s, n in over.items()) + "."]
     ln = report["lengths"]
     lines += ["", "## Response length (words)", "", "| responses | average | max |", "|---|---:|---:|",
               f"| initial | {_fmt(ln['initialAverage'])} | {_fmt(ln['initialMax'])} |",

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import RunConfig
+from .config import BASE_MODEL_NAME, RunConfig
 from .identity import claim
 from .metrics import Metrics
 from .metrics import metrics as default_metrics
@@ -29,10 +29,11 @@ from .tinymodel import TINY_URI, ensure_tiny_model, tiny_model_cached
 log = logging.getLogger("selflengthen.runner")
 
 
-# Which served models a generating stage talks to. Data stages use the models of the previous iteration (the base
+# Which served models a generating stage talks to. Self-instruct (and its judge) always uses the base model; the
+# other data stages use the models of the previous iteration (the base
 # model in iteration 1); evaluate and collect use the models trained in this iteration; evaluate-length-following
 # the length-following model, served as the Generator. Others need no server.
-STAGE_ROLES = {"self-instruct": ("generator",), "respond": ("generator",), "extend": ("extender",),
+STAGE_ROLES = {"self-instruct": ("base",), "respond": ("generator",), "extend": ("extender",),
                "evaluate": ("generator",), "collect": ("generator", "extender"),
                "evaluate-length-following": ("generator",)}
 CURRENT_MODEL_STAGES = ("evaluate", "collect", "evaluate-length-following")
@@ -73,15 +74,17 @@ def server_spec(config: RunConfig, store: Store, stage: str, iteration: int, wor
         return ServerSpec(str(trained.path.resolve()), (models.generator,))
     model_iteration = iteration if stage in CURRENT_MODEL_STAGES else iteration - 1
     if model_iteration == 0:
-        return ServerSpec(resolve_model(models.base), (models.generator, models.extender))
+        return ServerSpec(resolve_model(models.base), (models.generator, models.extender, BASE_MODEL_NAME))
     if config.training.mode == "lora":
         adapters = tuple(
             (getattr(models, role),
              str(fetch_trained_model(config, store, model_iteration, role, workdir).path.resolve()))
             for role in ("generator", "extender")
         )
-        return ServerSpec(resolve_model(models.base), ("base",), adapters)
+        return ServerSpec(resolve_model(models.base), (BASE_MODEL_NAME,), adapters)
     roles = roles_of(config, stage)
+    if roles == ("base",):  # full fine-tuning: the base model's own weights, under its own name
+        return ServerSpec(resolve_model(models.base), (BASE_MODEL_NAME,))
     if len(roles) > 1:
         raise StageError(f"stage {stage} needs the Generator and the Extender at once, which one local server of "
                          f"fully fine-tuned weights cannot serve: set collect.extend false, or models.endpoint")

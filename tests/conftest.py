@@ -25,7 +25,7 @@ def vllm_endpoint(tmp_path_factory):
     from selflengthen.pipeline.tinymodel import ensure_tiny_model
 
     model = ensure_tiny_model()
-    with VLLMServer(str(model), served_names=["generator", "extender"], max_model_len=2048,
+    with VLLMServer(str(model), served_names=["generator", "extender", "base"], max_model_len=2048,
                     workdir=tmp_path_factory.mktemp("vllm")) as server:
         yield server.endpoint
 

@@ -59,6 +59,12 @@ def test_quick_run_prints_and_writes_every_table_row(tmp_path):
         assert details[driver]["tokens"] > 0
     assert details["ours"]["stages"]["extend"]["counts"]["accepted"] > 0  # the filters let a share through
 
+    [long] = [r for r in rows if r["benchmark"].startswith("long context:")]
+    assert long["met"] is True and long["ours"] == 1.0, long  # ran to the end, nothing refused by the server
+    assert long["details"]["counts"]["rejected"]["context"] > 0 and long["details"]["server"]["refused"] == 0
+    [si] = measured(rows, "self-instruct: generated tokens")
+    assert si["met"] is True and si["ratio"] >= 10, si  # the stop string at the next item saves the tokens
+
     scale = measured(rows, "scale:")
     assert any("exponent" in r["benchmark"] for r in scale)
     assert {r["benchmark"].split()[1] for r in scale if "RSS" in r["benchmark"]} == {"respond", "extend"}

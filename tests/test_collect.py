@@ -12,9 +12,16 @@ from chat_server import ChatServer
 from selflengthen.pipeline import prompts
 from selflengthen.pipeline.config import parse_config
 from selflengthen.pipeline.data import load_seed_instructions
-from selflengthen.pipeline.longen import KINDS, LengthDemand, demand_holds, parse_length_demand, true_demand
+from selflengthen.pipeline.longen import (
+    KINDS,
+    LengthDemand,
+    demand_holds,
+    has_own_length,
+    parse_length_demand,
+    true_demand,
+)
 from selflengthen.pipeline.stages import StageContext, StageError, run_stage
-from selflengthen.pipeline.stages.collect import has_own_length, instruction_pool, phrase_demand
+from selflengthen.pipeline.stages.collect import instruction_pool, phrase_demand
 from selflengthen.pipeline.store import LocalStore, dumps_jsonl
 from selflengthen.pipeline.text import count_words
 
@@ -143,10 +150,10 @@ def test_collect_exports_true_demands_in_sft_format(tmp_path, server):
     assert manifest["averageWords"] > manifest["averageWordsInitial"]
     # Generator answers, then the Extender: one micro-iteration (two requests) per answer.
     assert len(server.bodies("extender")) == 2 * len(server.bodies("generator"))
-    assert manifest["counts"]["requests"] == len(server.requests)
+    assert manifest["counts"]["requests"] == len(server.chats())
     # Done: run again, nothing asked.
-    asked = len(server.requests)
-    assert run_stage("collect", ctx) == manifest and len(server.requests) == asked
+    asked = len(server.chats())
+    assert run_stage("collect", ctx) == manifest and len(server.chats()) == asked
 
 
 def test_collect_without_extension_and_from_self_instruct(tmp_path, server):

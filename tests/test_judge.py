@@ -164,7 +164,7 @@ def test_judge_is_off_by_default(tmp_path):
         ctx = StageContext(config=config, iteration=1, store=LocalStore(tmp_path / "s"), endpoint=server.endpoint)
         ctx.artifacts("train-generator").finish({})
         manifest = run_stage("evaluate", ctx)
-        assert "quality" not in manifest and len(server.requests) == 4
+        assert "quality" not in manifest and len(server.chats()) == 4
         assert all("quality" not in r for r in ctx.artifacts("evaluate").read_outputs())
 
 

@@ -46,7 +46,7 @@ def test_selflengthen_run_two_iterations_with_reports(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
 
     # Iteration 1's data stages on the base model; its evaluation, iteration 2 and collect on the adapters.
-    assert served[0] == ("self-instruct", 1, ["extender", "generator"])
+    assert served[0] == ("self-instruct", 1, ["base", "extender", "generator"])  # the base under its own name too
     assert ("evaluate", 1, ["base", "extender", "generator"]) in served
     # ... and the length-following model's evaluation on its adapter, served as the Generator
     assert served[-1] == ("evaluate-length-following", 2, ["base", "generator"])

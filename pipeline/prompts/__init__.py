@@ -31,11 +31,31 @@ def self_instruct_messages(lang: str, examples: list[str]) -> list[dict]:
     ]
 
 
+def item_label(lang: str, number: int) -> str:
+    """The label that opens item `number` of the list ("Request 4", "请求4"), without its colon."""
+    return render(lang, "instruction_item", number=number, instruction="").strip().rstrip(":：").strip()
+
+
+def instruction_stops(lang: str, examples: int) -> list[str]:
+    """Stop strings of a self-instruct completion after `examples` examples: the label of the item after the one
+    the model completes, so the server stops at the end of the instruction instead of listing more."""
+    return [item_label(lang, examples + 2)]
+
+
+# A numbered item's label at a line start (English or Chinese): where a listed instruction ends.
+_NEXT_ITEM = re.compile(r"(?:^|\n)\s*\**\s*(?:Request|请求)\s*\d+\s*\**\s*[:：.]")
+
+
+def lists_next_item(completion: str) -> bool:
+    """True when the completion goes on past its instruction to a next numbered item."""
+    return _NEXT_ITEM.search(completion.strip()) is not None
+
+
 def parse_instruction(completion: str) -> str:
-    """The completed item: its first line, without a following numbered item."""
-    text = completion.strip()
-    text = re.split(r"\n|(?:Request|请求)\s*\d+\s*[:：]", text, maxsplit=1)[0]
-    return text.strip()
+    """The completed item, whole (an instruction may span several lines), up to a following numbered item (a
+    server that ignored the stop string may have gone on listing)."""
+    text = _NEXT_ITEM.split(completion.strip(), maxsplit=1)[0]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.strip().splitlines()))
 
 
 def parse_judgement(answer: str) -> bool:

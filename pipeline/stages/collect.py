@@ -20,13 +20,13 @@ Layout: <run>/collect/work/part-*.jsonl (resume), <run>/collect/part-*.jsonl (ro
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import Counter
 from collections.abc import Iterator
 
 from .. import prompts
 from ..data import load_seed_instructions
-from ..longen import LengthDemand, parse_length_demand, true_demand
+from ..inference import ItemRejected
+from ..longen import LengthDemand, has_own_length, parse_length_demand, true_demand
 from ..text import count_words
 from . import StageContext, StageError
 from .common import average, chunks, make_client, process_shards, reject_reason, tally
@@ -34,16 +34,6 @@ from .extend import first_half, kept_part
 
 NAME = "collect"
 REQUIRES = ("train-generator", "train-extender")
-# A count of words in an instruction ("in 300 words", "a 2,000-word essay", "five hundred words", "三千字"): a
-# length of its own, which the added demand could contradict, even where it is no demand LonGen's parser reads.
-_OWN_LENGTH = re.compile(r"\d[\d,，]*\s*(?:k\b)?\s*-?\s*(?:words?\b|字)|(?:hundred|thousand)\s+words?\b"
-                         r"|[一二两三四五六七八九十百千万]+\s*字", re.I)
-
-
-def has_own_length(instruction: str) -> bool:
-    return _OWN_LENGTH.search(instruction) is not None or parse_length_demand(instruction) is not None
-
-
 def _number(value: float) -> str:
     return str(int(value)) if value == int(value) else str(value)
 
@@ -156,20 +146,29 @@ async def _run(ctx: StageContext) -> dict:
             """One micro-iteration of the extend stage: the enriched first half, continued to the end. Returns
             (the longer text or None, requests made)."""
             lang, instruction, seed = item["language"], item["instruction"], ctx.seed(NAME, item["id"], "extend")
-            former = await client.chat(
-                cfg.models.extender,
-                [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction,
-                                                            response=first_half(text))}],
-                cfg.sampling, max_tokens=ext.max_tokens, seed=seed)
+            try:
+                former = await client.chat(
+                    cfg.models.extender,
+                    [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction,
+                                                                response=first_half(text))}],
+                    cfg.sampling, max_tokens=ext.max_tokens, seed=seed)
+            except ItemRejected as err:
+                reject(f"extend-{err.reason}")
+                return None, 1
             prefix = kept_part(former.text, ext.keep_fraction)
             if not prefix:
                 reject("extend-empty")
                 return None, 1
-            latter = await client.chat(
-                cfg.models.extender,
-                [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction, response=text)},
-                 {"role": "assistant", "content": prefix}],
-                cfg.sampling, max_tokens=ext.max_tokens, continue_final=True, seed=seed + 1)
+            try:
+                latter = await client.chat(
+                    cfg.models.extender,
+                    [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction,
+                                                                response=text)},
+                     {"role": "assistant", "content": prefix}],
+                    cfg.sampling, max_tokens=ext.max_tokens, continue_final=True, seed=seed + 1)
+            except ItemRejected as err:
+                reject(f"extend-{err.reason}")
+                return None, 2
             candidate = (prefix + latter.text).strip()
             reason = reject_reason(ctx, candidate)
             if reason is None and count_words(candidate) <= count_words(text):
@@ -191,10 +190,14 @@ async def _run(ctx: StageContext) -> dict:
 
             response = None
             for attempt in range(col.max_retries):
-                gen = await client.chat(
-                    cfg.models.generator, [{"role": "user", "content": item["instruction"]}], cfg.sampling,
-                    max_tokens=col.max_tokens, seed=ctx.seed(NAME, item["id"], attempt))
                 requests += 1
+                try:
+                    gen = await client.chat(
+                        cfg.models.generator, [{"role": "user", "content": item["instruction"]}], cfg.sampling,
+                        max_tokens=col.max_tokens, seed=ctx.seed(NAME, item["id"], attempt))
+                except ItemRejected as err:  # the same prompt would be refused again
+                    reject(err.reason)
+                    return failed()
                 reason = reject_reason(ctx, gen.text)
                 if reason is None:
                     response = gen.text.strip()

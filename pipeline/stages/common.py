@@ -23,7 +23,8 @@ def make_client(ctx: StageContext, salt: str) -> InferenceClient:
     if api_key is None and ctx.config.models.api_key_env:
         api_key = os.environ.get(ctx.config.models.api_key_env)
     return InferenceClient(endpoint, ctx.config.client, api_key=api_key, seed=ctx.seed("client", salt),
-                           observe=ctx.metrics.client_observer(ctx.config.name, salt), alive=ctx.endpoint_gone)
+                           observe=ctx.metrics.client_observer(ctx.config.name, salt), alive=ctx.endpoint_gone,
+                           budget=True)
 
 
 def chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:

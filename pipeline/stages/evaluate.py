@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 
 from .. import judge as quality
 from .. import longbench
 from ..data import load_longbench_write, load_longen, load_longwrite_ruler
 from ..heldout import measure_heldout
-from ..inference import InferenceClient
+from ..inference import Generation, InferenceClient, ItemRejected
 from ..longen import aggregate, score_response, select_items
 from ..text import count_words
 from . import StageContext, StageError
@@ -87,8 +88,11 @@ async def evaluate_generator(ctx: StageContext, stage: str) -> dict:
 
         async def handle(item: dict) -> list[dict]:
             query = item.get("query") or item["prompt"]
-            gen = await client.chat(cfg.models.generator, [{"role": "user", "content": query}], cfg.sampling,
-                                    max_tokens=cfg.evaluate.max_tokens, seed=ctx.seed(NAME, item["id"]))
+            try:
+                gen = await client.chat(cfg.models.generator, [{"role": "user", "content": query}], cfg.sampling,
+                                        max_tokens=cfg.evaluate.max_tokens, seed=ctx.seed(NAME, item["id"]))
+            except ItemRejected as err:  # scored as an empty answer, the reason kept; the others go on
+                gen = Generation(text="", finish_reason=err.reason, completion_tokens=0)
             response = gen.text.strip()
             common = {"id": item["id"], "benchmark": item["benchmark"], "language": item["language"]}
             tail = {"finishReason": gen.finish_reason, "completionTokens": gen.completion_tokens}
@@ -96,7 +100,7 @@ async def evaluate_generator(ctx: StageContext, stage: str) -> dict:
             if item["benchmark"] == LONGEN:
                 row = {**common, "type": item["type"], "range": item["range"], "constraint": item["constraint"],
                        "query": query, "response": response, **score_response(item, response), **tail}
-                if judge_client is not None:
+                if judge_client is not None and response:
                     row.update(await quality.score_quality(judge_client, judge, item["language"], query, response,
                                                            judge_seed))
                 return [row]
@@ -105,7 +109,7 @@ async def evaluate_generator(ctx: StageContext, stage: str) -> dict:
                    "length": longbench.longwriter_length(response), **tail}
             if item["benchmark"] == LONGBENCH_WRITE:
                 row.update(longbench.score_response(item, response))
-                if judge_client is not None:
+                if judge_client is not None and response:
                     row.update(await quality.score_longbench(judge_client, judge, item["language"], query, response,
                                                              judge_seed))
             return [row]
@@ -125,7 +129,9 @@ async def evaluate_generator(ctx: StageContext, stage: str) -> dict:
         "model": cfg.models.generator,
         "counts": {"requested": len(selected), "accepted": len(rows),
                    "truncated": sum(1 for r in rows if r.get("finishReason") == "length"),
-                   "byBenchmark": {k: len(v) for k, v in by_benchmark.items() if v}},
+                   "byBenchmark": {k: len(v) for k, v in by_benchmark.items() if v},
+                   "rejected": dict(Counter(r["finishReason"] for r in rows
+                                            if r.get("finishReason") in ("context", "refused")))},
         "scores": {k: scores[k] for k in ("overall", "byType", "byLanguage", "byRange")},
         "averageWords": scores["averageWords"],
         "maxWords": max((r["words"] for r in longen_rows), default=0),
@@ -157,5 +163,6 @@ async def judge_client_for(ctx: StageContext, client: InferenceClient):
     except ValueError as err:
         raise StageError(f"stage {NAME}: {err}") from None
     async with InferenceClient(judge.endpoint, ctx.config.client, api_key=api_key, seed=ctx.seed("client", "judge"),
-                               observe=ctx.metrics.client_observer(ctx.config.name, f"{NAME}-judge")) as judged:
+                               observe=ctx.metrics.client_observer(ctx.config.name, f"{NAME}-judge"),
+                               budget=True) as judged:
         yield judged

@@ -17,6 +17,7 @@ import asyncio
 import math
 
 from .. import prompts
+from ..inference import ItemRejected
 from ..text import count_words, split_paragraphs
 from . import StageContext
 from .common import Words, chunks, finalize_with_drop_short, make_client, process_shards, reject_reason, work_totals
@@ -49,31 +50,37 @@ async def _run(ctx: StageContext) -> dict:
 
     async with make_client(ctx, NAME) as client:
 
-        async def one_pass(item: dict, current: str, seed: int, reject) -> str:
+        async def one_pass(item: dict, current: str, seed: int, reject) -> tuple[str, bool]:
+            """(the new current text, whether the text has reached the server's context: no further pass fits)."""
             lang, instruction = item["language"], item["instruction"]
-            former = await client.chat(
-                model, [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction,
-                                                                   response=first_half(current))}],
-                cfg.sampling, max_tokens=ext.max_tokens, seed=seed,
-            )
-            prefix = kept_part(former.text, ext.keep_fraction)
-            if not prefix:
-                reject("empty")
-                return current
-            latter = await client.chat(
-                model,
-                [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction, response=current)},
-                 {"role": "assistant", "content": prefix}],
-                cfg.sampling, max_tokens=ext.max_tokens, continue_final=True, seed=seed + 1,
-            )
+            try:
+                former = await client.chat(
+                    model, [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction,
+                                                                       response=first_half(current))}],
+                    cfg.sampling, max_tokens=ext.max_tokens, seed=seed,
+                )
+                prefix = kept_part(former.text, ext.keep_fraction)
+                if not prefix:
+                    reject("empty")
+                    return current, False
+                latter = await client.chat(
+                    model,
+                    [{"role": "user", "content": prompts.render(lang, "extend", instruction=instruction,
+                                                                response=current)},
+                     {"role": "assistant", "content": prefix}],
+                    cfg.sampling, max_tokens=ext.max_tokens, continue_final=True, seed=seed + 1,
+                )
+            except ItemRejected as err:  # over the context (or refused): this text can grow no further here
+                reject(err.reason)
+                return current, True
             candidate = (prefix + latter.text).strip()
             reason = reject_reason(ctx, candidate)
             if reason is None and count_words(candidate) <= count_words(current):
                 reason = "no-growth"
             if reason:
                 reject(reason)
-                return current
-            return candidate
+                return current, False
+            return candidate, False
 
         async def attempt(item: dict, a: int) -> dict:
             rejections: dict[str, int] = {}
@@ -84,19 +91,26 @@ async def _run(ctx: StageContext) -> dict:
 
             initial = item["response"]
             initial_words = count_words(initial)
+            limited = False  # a pass stopped at the context limit
             for retry in range(ext.max_retries):
                 current = initial
                 for p in range(ext.passes):
-                    current = await one_pass(item, current, ctx.seed(NAME, item["id"], a, retry, p), reject)
+                    current, full = await one_pass(item, current, ctx.seed(NAME, item["id"], a, retry, p), reject)
                     requests += 2
+                    if full:
+                        limited = True
+                        break
                 words = count_words(current)
                 if words > ext.min_growth * initial_words:
                     return {"id": f"{item['id']}-a{a}", "responseId": item["id"], "language": item["language"],
                             "instruction": item["instruction"], "initial": initial, "extended": current,
                             "initialWords": initial_words, "words": words, "rejections": rejections,
-                            "requests": requests}
+                            "requests": requests, "contextLimited": limited}
                 reject("growth")
-            return {"id": None, "responseId": item["id"], "rejections": rejections, "requests": requests}
+                if full and current == initial:  # the initial text itself leaves no room: retrying cannot help
+                    break
+            return {"id": None, "responseId": item["id"], "rejections": rejections, "requests": requests,
+                    "contextLimited": limited}
 
         async def handle(item: dict) -> list[dict]:
             return list(await asyncio.gather(*(attempt(item, a) for a in range(ext.attempts))))
@@ -106,6 +120,7 @@ async def _run(ctx: StageContext) -> dict:
 
     passed, kept = finalize_with_drop_short(ctx, artifacts, lambda r: r["id"] is not None, "extended")
     requests, rejected = work_totals(artifacts)
+    limited = sum(1 for r in artifacts.iter_work() if r.get("contextLimited"))
     initial, extended = Words(), Words()
     for row in artifacts.read_outputs():
         initial.add(row["initialWords"])
@@ -120,6 +135,7 @@ async def _run(ctx: StageContext) -> dict:
             "accepted": kept,
             "requests": requests,
             "rejected": rejected,
+            "contextLimited": limited,  # attempts whose text reached the server's context
         },
         "averageWordsInitial": initial.average,
         "averageWords": extended.average,

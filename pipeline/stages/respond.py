@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from ..heldout import measure_heldout
+from ..inference import ItemRejected
 from ..text import count_words
 from . import StageContext
 from .common import (
@@ -39,10 +40,15 @@ async def _run(ctx: StageContext) -> dict:
         async def sample(item: dict, k: int) -> dict:
             rejections: dict[str, int] = {}
             for attempt in range(cfg.respond.max_retries):
-                gen = await client.chat(
-                    cfg.models.generator, [{"role": "user", "content": item["instruction"]}], cfg.sampling,
-                    max_tokens=cfg.respond.max_tokens, seed=ctx.seed(NAME, item["id"], k, attempt),
-                )
+                try:
+                    gen = await client.chat(
+                        cfg.models.generator, [{"role": "user", "content": item["instruction"]}], cfg.sampling,
+                        max_tokens=cfg.respond.max_tokens, seed=ctx.seed(NAME, item["id"], k, attempt),
+                    )
+                except ItemRejected as err:  # the same prompt would be refused again: the sample fails
+                    rejections[err.reason] = rejections.get(err.reason, 0) + 1
+                    return {"id": None, "instructionId": item["id"], "rejections": rejections,
+                            "requests": attempt + 1}
                 reason = reject_reason(ctx, gen.text)
                 if reason is None:
                     text = gen.text.strip()
