@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from ..pipeline.config import RunConfig, dump_config
+from ..pipeline.config import BASE_MODEL_NAME, RunConfig, dump_config
 from ..pipeline.training import LENGTH_FOLLOWING, model_prefix
 from .crd import API_VERSION, KIND
 from .spec import COLLECT_STAGE, DATA_STAGES, EVAL_STAGE, LF_EVAL_STAGE, LF_MODEL, LF_TRAIN_STAGE, ClusterSpec
@@ -283,15 +283,15 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
     volumes = [_shm(inf.shm_size), _cache_volume(run)]
     full = cfg.training.mode == "full"
     roles = tuple(literal(r) for r in roles)
-    if model == 0:
-        args = [literal(served_model(run)), "--served-model-name", *roles]
+    if model == 0:  # the base model, also under its own name (self-instruct asks it in every iteration)
+        args = [literal(served_model(run)), "--served-model-name", *roles, BASE_MODEL_NAME]
     elif full:
         # Full fine-tuning (one iteration only): the trained Generator, also under the Extender's name.
         args = [f"{ADAPTERS_DIR}/generator", "--served-model-name", *roles]
     else:
         adapters = [f"{roles[0]}={ADAPTERS_DIR}/generator", f"{roles[1]}={ADAPTERS_DIR}/extender"]
         # --max-loras: adapters in one batch (vLLM's default 1 would serialize the Generator and the Extender)
-        args = [literal(served_model(run)), "--served-model-name", "base", "--enable-lora",
+        args = [literal(served_model(run)), "--served-model-name", BASE_MODEL_NAME, "--enable-lora",
                 "--max-lora-rank", str(max_lora_rank(cfg.training.lora.rank)), "--max-loras", str(len(adapters)),
                 "--lora-modules", *adapters]
     if model > 0:

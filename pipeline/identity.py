@@ -44,7 +44,7 @@ READS_SAME_ITERATION: dict[str, tuple[str, ...]] = {
     "evaluate-length-following": ("train-length-following",),
 }
 READS_PREVIOUS_ITERATION: dict[str, tuple[str, ...]] = {
-    "self-instruct": ("self-instruct", "train-generator"),
+    "self-instruct": ("self-instruct",),  # its pool; the base model writes and judges (not the trained Generator)
     "respond": ("train-generator",),
     "extend": ("train-extender",),
     "train-generator": ("train-generator",),

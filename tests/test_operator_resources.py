@@ -143,8 +143,8 @@ def test_vllm_deployment_serving_base_then_adapters():
     (c,) = pod["containers"]
     assert c["command"][:3] == ["vllm", "serve", "Qwen/Qwen2-7B-Instruct"]
     args = c["command"]
-    assert args[args.index("--served-model-name") + 1: args.index("--served-model-name") + 3] == [
-        "generator", "extender"]
+    assert args[args.index("--served-model-name") + 1: args.index("--served-model-name") + 4] == [
+        "generator", "extender", "base"]  # the base also under its own name: self-instruct asks it
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"]["path"] == "/health"
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 600
