@@ -199,7 +199,8 @@ def test_evaluate_stage_scores_the_generator_answers(tmp_path, monkeypatch):
     for row in rows:
         assert row["words"] == 2000
         assert row["score"] == pytest.approx(score_response(row, row["response"])["score"])
-    assert manifest["counts"] == {"requested": 24, "accepted": 24, "truncated": 0, "byBenchmark": {"longen": 24}}
+    assert manifest["counts"] == {"requested": 24, "accepted": 24, "truncated": 0, "byBenchmark": {"longen": 24},
+                                  "rejected": {}}
     assert manifest["averageWords"] == 2000
     # 2000 words: inside "about 2000" ([1600, 2400]); its score per item is known from the windows
     assert manifest["scores"]["overall"] == pytest.approx(sum(r["score"] for r in rows) / 24, abs=1e-4)
