@@ -174,7 +174,7 @@ class Filters(Model):
     affects = ("respond", "extend", "collect")
 
     check_ending: bool = Field(True, description="A response must end with a closing mark")
-    check_meta: bool = Field(True, description="Reject English responses that talk about revisions")
+    check_meta: bool = Field(True, description="Reject responses that talk about their rewriting (English, Chinese)")
     en_ngram: int = Field(10, ge=0, description="Reject English text repeating a word n-gram (0: off)")
     zh_ngram: int = Field(13, ge=0, description="Reject Chinese text repeating a token n-gram (0: off)")
     drop_short: bool = Field(True, description="Randomly drop short responses, keeping long ones more often")

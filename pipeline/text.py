@@ -19,7 +19,15 @@ _ASCII_RUN = re.compile(r"[\x00-\x7f]+")
 
 EN_ENDINGS = tuple(".!?,;:-\"')]}>`")
 ZH_ENDINGS = tuple("。！？…”’)]}>`）】》」』〕〉")
+# Meta-talk (the model talking about its rewriting instead of writing), looked for in the first 2 and last 3
+# lines. English: the reference's words, matched case-sensitively as the reference does ("Incident Response Plan"
+# is a heading, "the revised response" is talk). Chinese: words about expanding or rewriting, an opening "here is
+# ...", and an editor's note after a rule at the end.
 META_WORDS = ("revised", "revision", "response", "version", "paragraph")
+ZH_META_WORDS = ("扩写", "改写", "续写", "扩展后的", "修改后的", "润色后的", "重写")
+ZH_META_OPENINGS = ("以下是", "下面是", "这是扩", "这是改", "好的，以下", "好的，下面", "好的，这是")
+_RULE = re.compile(r"^\s*(?:-{3,}|\*{3,}|_{3,}|—{2,}|={3,})\s*$")
+ZH_NOTE_OPENINGS = ("注：", "注:", "注释", "说明", "备注", "编者", "附注", "修改说明", "扩写说明")
 EN_NGRAM = 10
 ZH_NGRAM = 13
 
@@ -76,22 +84,39 @@ def check_response(
     stripped = text.strip()
     if not stripped:
         return "empty"
+    lines = [line.strip() for line in stripped.splitlines() if line.strip()]
     if detect_language(stripped) == "zh":
         if check_ending and not stripped.endswith(ZH_ENDINGS + EN_ENDINGS):
             return "ending"
+        if check_meta and _zh_meta_talk(lines):
+            return "meta-talk"
         if zh_ngram > 0 and _has_repeated_ngram(zh_tokens(stripped), zh_ngram):
             return "repetition"
         return None
     if check_ending and not stripped.endswith(EN_ENDINGS):
         return "ending"
     if check_meta:
-        lines = [line for line in stripped.splitlines() if line.strip()]
-        edge = " ".join(lines[:2] + lines[-3:]).lower()
+        edge = " ".join(lines[:2] + lines[-3:])  # case-sensitive, as the reference
         if any(word in edge for word in META_WORDS):
             return "meta-talk"
     if en_ngram > 0 and _has_repeated_ngram(stripped.split(), en_ngram):
         return "repetition"
     return None
+
+
+def _zh_meta_talk(lines: list[str]) -> bool:
+    """Chinese meta-talk: rewriting words in the first 2 or last 3 lines, an opening "以下是…" (here is ...), or a
+    note after a horizontal rule among the last lines (an editor's remark appended to the text)."""
+    edge = "".join(lines[:2] + lines[-3:])
+    if any(word in edge for word in ZH_META_WORDS):
+        return True
+    if lines and lines[0].lstrip("#*> ").startswith(ZH_META_OPENINGS):
+        return True
+    tail = lines[-4:]
+    for i, line in enumerate(tail[:-1]):
+        if _RULE.match(line) and tail[i + 1].lstrip("#>*（(【[ ").startswith(ZH_NOTE_OPENINGS):
+            return True
+    return False
 
 
 def drop_short_mask(lengths: Sequence[int], seed: int) -> list[bool]:

@@ -70,8 +70,36 @@ def test_check_response_chinese_flavour():
     thirteen = "一二三四五六七八九十百千万"
     assert check_response(thirteen + "，" + thirteen + "。") == "repetition"
     assert check_response(thirteen[:12] + "，" + thirteen[:12] + "。") is None
-    # meta words are only checked in English
+    # English meta words are not Chinese meta-talk
     assert check_response("这个version很好。") is None
+
+
+@pytest.mark.parametrize("text", [
+    "以下是扩写后的文章：\n\n春天来了，万物复苏。",
+    "下面是根据要求写成的文章。\n\n春天来了，万物复苏。",
+    "春天来了，万物复苏。\n\n以上内容对原文进行了改写，使其更加生动。",
+    "春天来了，万物复苏。\n\n燕子从南方飞回来了。\n\n---\n\n注：本文在原文基础上增加了细节描写。",
+    "春天来了，万物复苏。\n\n***\n\n（说明：扩展了第二段。）",
+])
+def test_chinese_meta_talk_is_caught(text):
+    assert check_response(text) == "meta-talk"
+    assert check_response(text, check_meta=False) is None
+
+
+@pytest.mark.parametrize("text", [
+    "春天来了，万物复苏。\n\n---\n\n燕子从南方飞回来了。",  # a rule between sections is no note
+    "注意安全是每个人的责任。\n\n我们要时刻牢记。",  # 注意 at the start is not an editor's note after a rule
+    "这是一篇关于春天的文章。\n\n春天来了，万物复苏。",
+])
+def test_chinese_text_without_meta_talk_passes(text):
+    assert check_response(text) is None
+
+
+def test_english_meta_words_are_case_sensitive_as_the_reference():
+    plan = "Incident Response Plan\n\nThe Version Control Policy explains the Paragraph Numbering of our manual."
+    assert check_response(plan) is None  # headings and names, not talk about the rewriting
+    assert check_response("The revised text follows.\n\nBody.") == "meta-talk"
+    assert check_response("Body.\n\nI hope this response helps.") == "meta-talk"
 
 
 def test_zh_tokens_merge_ascii_runs():
