@@ -83,6 +83,9 @@ class ContextExceeded(ItemRejected):
 # than max_model_len=M").
 _CONTEXT_ERROR = re.compile(r"maximum context length|max_model_len|context length", re.I)
 ITEM_STATUS = {400, 413, 422}
+# A 400 that no request to this server can pass (vLLM: "... you must provide a chat template if the tokenizer
+# does not define one"): the server is wrong, not the item, so the stage fails at once.
+_SERVER_ERROR = re.compile(r"chat template", re.I)
 
 
 class ModelNotFound(RequestRejected):
@@ -493,7 +496,7 @@ class InferenceClient:
                             self._observe("failed", 1)
                             if response.status_code == 404 and isinstance(body, dict) and body.get("model"):
                                 raise ModelNotFound(self.endpoint, 404, response.text, model=str(body["model"]))
-                            if response.status_code in ITEM_STATUS:
+                            if response.status_code in ITEM_STATUS and not _SERVER_ERROR.search(response.text):
                                 error = (ContextExceeded if _CONTEXT_ERROR.search(response.text) else ItemRejected)
                             else:
                                 error = ModelNotFound if response.status_code == 404 else RequestRejected

@@ -331,7 +331,10 @@ def test_a_later_iteration_refuses_an_unfinished_earlier_one(tmp_path):
 
 
 class BrokenServer:
-    """An OpenAI-compatible endpoint on loopback answering every request with one fixed (status, body)."""
+    """An OpenAI-compatible endpoint on loopback answering every request with one fixed (status, body), except
+    GET /v1/models, which lists the models with their context as vLLM does (the client reads it to budget
+    max_tokens), and /tokenize, which it lacks (404): what is broken is the generation path, which `hits`
+    counts."""
 
     def __init__(self, status: int, body: bytes):
         self.status, self.body, self.hits = status, body, 0
@@ -345,14 +348,29 @@ class BrokenServer:
 
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                server.hits += 1
-                self.send_response(server.status)
+                status, body = server.status, server.body
+                if self.path.rstrip("/").endswith("/tokenize"):  # a server without vLLM's /tokenize
+                    status, body = 404, b'{"detail": "Not Found"}'
+                else:
+                    server.hits += 1
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(server.body)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(server.body)
+                self.wfile.write(body)
 
-            do_GET = do_POST
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models"):
+                    body = json.dumps({"object": "list", "data": [
+                        {"id": name, "object": "model", "max_model_len": 1 << 20}
+                        for name in ("generator", "extender", "base")]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                else:
+                    self.do_POST()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
