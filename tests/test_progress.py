@@ -86,7 +86,7 @@ def test_a_two_iteration_run_draws_well_formed_progress_in_a_terminal(tmp_path, 
     ensure_tiny_model()  # built once for the whole suite (its build line is the runner's, not tested here)
     config = {
         "name": "pty", "iterations": 2, "seed": 3, "models": {"endpoint": server.endpoint},
-        "selfInstruct": {"instructionsPerIteration": 12, "maxTries": 2, "judge": False},
+        "selfInstruct": {"instructionsPerIteration": 12, "maxTries": 2, "judge": False, "maxSimilarity": 1.0},
         "respond": {"samplesPerInstruction": 2, "maxRetries": 2},
         "extend": {"attempts": 1, "passes": 1, "maxRetries": 1},
         "filters": {"checkEnding": False, "checkMeta": False, "enNgram": 0, "dropShort": False},
