@@ -456,9 +456,12 @@ class InferenceClient:
     async def _request(self, method: str, path: str, body: dict | None) -> dict:
         cfg = self.config
         last_error = ""
+        # Only generation requests feed the request metrics: the context budget's /models and /tokenize calls
+        # are bookkeeping, and the manifests count generation requests.
+        observe = self._observe if path.endswith("/completions") else (lambda event, value: None)
         async with self._semaphore:
             self.stats.in_flight += 1
-            self._observe("start", 1)
+            observe("start", 1)
             try:
                 # attempt: tries that count against max_attempts; failures: all failed tries (the backoff grows
                 # with it). A try that cannot even connect (nothing listening: the server is down or restarting,
@@ -476,13 +479,13 @@ class InferenceClient:
                             attempt += 1
                         gone = self._alive()
                         if gone:
-                            self._observe("failed", 1)
+                            observe("failed", 1)
                             raise ServerGone(self.endpoint, gone, last_error) from err
                     else:
                         attempt += 1
                         if response.status_code < 400:
                             self._down_since = None
-                            self._observe("ok", time.monotonic() - sent)
+                            observe("ok", time.monotonic() - sent)
                             try:
                                 return response.json()
                             except ValueError:
@@ -493,7 +496,7 @@ class InferenceClient:
                                 ) from None
                         if response.status_code not in RETRYABLE_STATUS:
                             self._down_since = None
-                            self._observe("failed", 1)
+                            observe("failed", 1)
                             if response.status_code == 404 and isinstance(body, dict) and body.get("model"):
                                 raise ModelNotFound(self.endpoint, 404, response.text, model=str(body["model"]))
                             if response.status_code in ITEM_STATUS and not _SERVER_ERROR.search(response.text):
@@ -508,14 +511,14 @@ class InferenceClient:
                     if self._down_since is None:
                         self._down_since = now
                     if now - self._down_since >= cfg.deadline_seconds or attempt >= cfg.max_attempts:
-                        self._observe("failed", 1)
+                        observe("failed", 1)
                     if now - self._down_since >= cfg.deadline_seconds:
                         raise ServerUnavailable(self.endpoint, now - self._down_since, last_error)
                     if attempt >= cfg.max_attempts:
                         break
                     delay = self._backoff(failures)
                     self.stats.retries += 1
-                    self._observe("retry", 1)
+                    observe("retry", 1)
                     await asyncio.sleep(min(delay, max(0.0, self._down_since + cfg.deadline_seconds - now)))
                 raise InferenceError(
                     f"inference server {self.endpoint}: {method} {path} failed after {cfg.max_attempts} attempts; "
@@ -523,7 +526,7 @@ class InferenceClient:
                 )
             finally:
                 self.stats.in_flight -= 1
-                self._observe("end", 1)
+                observe("end", 1)
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform(0, min(cap, base * 2^(attempt-1))), floored at half the window so it grows."""
