@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from .model_refs import GGUF_SCHEME, PACKAGED, check_reference
-from .tinymodel import TINY_URI, cache_root, ensure_tiny_model
+from .tinymodel import TINY_URI, cache_root, ensure_tiny_model, save_checkpoint
 
 log = logging.getLogger("selflengthen.models")
 
@@ -99,22 +96,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         raise ModelError(f"converting {gguf}: its tokenizer has no chat template (an instruct model is wanted)")
 
     _progress(3, 4, f"saving the checkpoint to {out_dir}", started)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps(
-            {"gguf": gguf.name, "sha256": file_sha256(gguf), "converter": CONVERTER_VERSION,
-             "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a cache directory is readable like any other
-        try:
-            tmp.replace(out_dir)  # atomic: a cached checkpoint is always whole
-        except OSError:
-            if not (out_dir / "config.json").exists():  # not a concurrent conversion that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(out_dir, model, tokenizer, "source.json",
+                    {"gguf": gguf.name, "sha256": file_sha256(gguf), "converter": CONVERTER_VERSION,
+                     "parameters": sum(p.numel() for p in model.parameters())})
     _progress(4, 4, "converted", started)
     return out_dir
 

@@ -153,15 +153,25 @@ def build_tiny_model(out_dir: Path, spec: TinySpec = TinySpec()) -> Path:
         optimizer.zero_grad()
     model.eval()
 
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
+    return save_checkpoint(out_dir, model, tokenizer, "tiny_spec.json",
+                           {**asdict(spec), "final_loss": float(loss.detach())})
+
+
+def save_checkpoint(out_dir: Path, model, tokenizer, info_name: str, info: dict) -> Path:
+    """Write a cached Hugging Face checkpoint (safetensors, tokenizer, `info_name` with `info`) atomically: it is
+    built in a sibling temporary directory and renamed, so a cached model is always whole; a concurrent build that
+    finished first wins."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "tiny_spec.json").write_text(json.dumps({**asdict(spec), "final_loss": float(loss.detach())}, indent=2))
+        (tmp / info_name).write_text(json.dumps(info, indent=2))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a cache directory is readable like any other
         try:
-            tmp.replace(out_dir)  # atomic: a cached model is always whole
+            tmp.replace(out_dir)
         except OSError:
-            if not (out_dir / "config.json").exists():  # not a concurrent build that finished first
+            if not (out_dir / "config.json").exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
