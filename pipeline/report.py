@@ -388,14 +388,31 @@ def plot_series(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
             for key, _, _ in SERIES}
 
 
-def length_figure(history: list[dict]):
-    """A matplotlib Figure (Agg canvas, no pyplot state) of response length per iteration."""
+def _axes(size: tuple[float, float]):
+    """A Figure on an Agg canvas (no pyplot state) and its one Axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2), dpi=100)
+    fig = Figure(figsize=size, dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    return fig, fig.add_subplot()
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, grid: str = "major"):
+    """Labels, title, grid and (when anything was drawn) the legend, as every report figure has them."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which=grid)
+    if ax.get_lines() or ax.collections:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def length_figure(history: list[dict]):
+    """A matplotlib Figure (Agg canvas, no pyplot state) of response length per iteration."""
+    fig, ax = _axes((7, 4.2))
     for key, label, style in SERIES:
         points = plot_series(history)[key]
         if points:
@@ -404,16 +421,8 @@ def length_figure(history: list[dict]):
         if isinstance(h.get("growth"), int | float) and isinstance(h.get("extendedAverage"), int | float):
             ax.annotate(f"x{h['growth']:.2f}", (h["iteration"], h["extendedAverage"]), textcoords="offset points",
                         xytext=(6, 4), fontsize="small", color="C1")
-    iterations = [h["iteration"] for h in history]
-    ax.set_xticks(iterations or [1])
-    ax.set_xlabel("macro-iteration")
-    ax.set_ylabel("words")
-    ax.set_title("Response length per iteration")
-    ax.grid(alpha=0.3)
-    if ax.get_lines():
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    ax.set_xticks([h["iteration"] for h in history] or [1])
+    return _finish(fig, ax, "macro-iteration", "words", "Response length per iteration")
 
 
 def loss_series(history: list[dict]) -> dict[str, list[tuple[float, float]]]:
@@ -431,35 +440,19 @@ def loss_series(history: list[dict]) -> dict[str, list[tuple[float, float]]]:
 
 def loss_figure(history: list[dict]):
     """A matplotlib Figure of the mean training loss per epoch of both roles over the iterations."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes((7, 4.2))
     for (role, points), style in zip(loss_series(history).items(), ("C0-", "C1-"), strict=True):
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=role, gid=role)
     ax.set_xticks([h["iteration"] for h in history] or [1])
-    ax.set_xlabel("macro-iteration (each point: one epoch's mean)")
-    ax.set_ylabel("training loss")
-    ax.set_title("Training loss per epoch")
-    ax.grid(alpha=0.3)
-    if ax.get_lines():
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "macro-iteration (each point: one epoch's mean)", "training loss",
+                   "Training loss per epoch")
 
 
 def scatter_figure(points: dict[str, list[list]]):
     """LongBench-Write as LongWriter draws it: required against produced length, both axes logarithmic, with the
     line y = x; a colour per model (label -> [required, produced, language] points; zero lengths left out)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes((6, 5))
     low, high = 100.0, 1000.0
     for i, (label, pts) in enumerate(points.items()):
         drawn = [(p[0], p[1]) for p in pts if p[0] > 0 and p[1] > 0]
@@ -472,13 +465,8 @@ def scatter_figure(points: dict[str, list[list]]):
     ax.plot([low, high], [low, high], "k--", linewidth=0.8, label="produced = required")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("required length")
-    ax.set_ylabel("produced length (LongWriter's count)")
-    ax.set_title("LongBench-Write: required vs produced length")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "required length", "produced length (LongWriter's count)",
+                   "LongBench-Write: required vs produced length", grid="both")
 
 
 def _png(make, *args) -> bytes | None:
