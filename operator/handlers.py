@@ -55,7 +55,7 @@ from .reconcile import (
     reconcile,
 )
 from .resources import LABEL_RUN, MANAGED_BY, Run, selector
-from .spec import parse_spec, run_steps
+from .spec import may_overlap, parse_spec, run_steps
 
 log = logging.getLogger("selflengthen.operator")
 RUNS = Resource(GROUP, VERSION, PLURAL, KIND)
@@ -206,17 +206,25 @@ class Controller:
                 if any(o.get("uid") in uids for o in w["metadata"].get("ownerReferences") or [])}
 
     async def observe_store(self, run: Run, status: dict, observed: Observed, logger: logging.Logger) -> None:
-        """Completion markers of the stages not yet known done, in order, up to the first one missing; and the
-        manifests of those found done, for the status's records."""
+        """Completion markers of the stages not yet known done, in order, up to the first one missing (and of the
+        steps that run beside it); and the manifests of those found done, for the status's records."""
         recorded = {(r["iteration"], s) for r in status.get("history") or []
                     for s, rec in (r.get("stages") or {}).items() if rec.get("state") == "Succeeded"}
         steps = run_steps(run.config)
         try:
             probe = await self.probe(run)
-            for k, s in steps:
-                if (k, s) in recorded:
-                    continue
+            rest = [step for step in steps if step not in recorded]
+            for i, (k, s) in enumerate(rest):
                 if not await asyncio.to_thread(probe.done, k, s):
+                    # the steps that run beside the first missing one (spec.may_overlap) may have finished first
+                    unfinished = [(k, s)]
+                    for step in rest[i + 1:]:
+                        if not all(may_overlap(run.cluster, e, step) for e in unfinished):
+                            break
+                        if await asyncio.to_thread(probe.done, *step):
+                            observed.done.add(step)
+                        else:
+                            unfinished.append(step)
                     break
                 observed.done.add((k, s))
             for k, s in steps:

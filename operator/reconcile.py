@@ -8,10 +8,12 @@ or the status already says so — whichever is seen first; finished stages never
 
     Serving     vLLM Deployment for model k-1 (base model for k = 1), until ready or its startup timeout
     Generating  Jobs self-instruct -> respond -> extend, pointed at the Service
-    ScalingDown the inference Deployments scaled to 0 and removed, so that their GPUs are free
-    Training    Jobs build-sft -> train-generator -> train-extender
-    Evaluating  (training's evaluate.enabled) vLLM for model k, then the evaluate Job; model k keeps serving
-                into iteration k+1
+    ScalingDown the inference Deployments scaled to 0 and removed, so that their GPUs are free; build-sft (CPU
+                only) runs meanwhile
+    Training    Jobs build-sft -> train-generator -> train-extender (with training.concurrent the two training
+                Jobs at once)
+    Evaluating  (evaluate.enabled) vLLM for model k, then the evaluate Job; model k keeps serving into
+                iteration k+1, whose data stages start beside the evaluation (spec.may_overlap)
     ... then Succeeded (inference removed). A failed attempt is retried with exponential backoff up to the
     stage's limit, each attempt recorded; then the run is Failed with the reason.
 
@@ -60,6 +62,7 @@ from .spec import (
     SERVING,
     TRAIN_STAGES,
     run_steps,
+    runnable_steps,
 )
 from .status import MAX_FAILURES_KEPT, MAX_MESSAGE, build_status
 
@@ -210,6 +213,23 @@ def _failure_recorded(rec: dict, attempt: int) -> bool:
     return any(f.get("attempt") == attempt for f in rec.get("failures") or [])
 
 
+def serving_key(stage: str) -> str | None:
+    """The serving pseudo-stage a stage needs the server of (its record key), None for build-sft and training."""
+    if stage in DATA_STAGES:
+        return SERVING
+    if stage == LF_EVAL_STAGE:
+        return f"{LF_EVAL_STAGE}-{SERVING}"
+    if stage in (EVAL_STAGE, COLLECT_STAGE):  # collect reuses evaluate's server when evaluation ran
+        return f"{EVAL_STAGE}-{SERVING}"
+    return None
+
+
+def served_for(k: int, stage: str) -> int:
+    """The model a stage of iteration k asks: data stages those of iteration k-1, evaluate and collect those just
+    trained, the length-following evaluation that model."""
+    return k - 1 if stage in DATA_STAGES else LF_MODEL if stage == LF_EVAL_STAGE else k
+
+
 # -- the state machine --------------------------------------------------------------------------------------------
 
 
@@ -229,6 +249,8 @@ class _Reconciler:
         self.events.append(Event(etype, reason, _truncate(message)))
 
     def act(self, verb: str, kind: str, name: str, body: dict | None = None) -> None:
+        if verb in ("create", "delete") and any((a.verb, a.kind, a.name) == (verb, kind, name) for a in self.actions):
+            return  # asked already by a step beside this one (steps that share a server)
         self.actions.append(Action(verb, kind, name, body))
 
     def wait(self, seconds: float) -> None:
@@ -656,12 +678,9 @@ class _Reconciler:
             return self.suspend()
         if st.get("phase") == "Suspended":
             self.event("Normal", "Resumed", f"resumed at iteration {k}: {stage}")
-        if stage in DATA_STAGES or stage in (EVAL_STAGE, COLLECT_STAGE, LF_EVAL_STAGE):
-            # data stages: the models of iteration k-1; evaluate and collect: those just trained (collect reuses
-            # evaluate's server when evaluation ran); the length-following evaluation: that model
-            model = k - 1 if stage in DATA_STAGES else LF_MODEL if stage == LF_EVAL_STAGE else k
-            key = (SERVING if stage in DATA_STAGES else f"{LF_EVAL_STAGE}-{SERVING}" if stage == LF_EVAL_STAGE
-                   else f"{EVAL_STAGE}-{SERVING}")
+        window = runnable_steps(self.cl, pending)  # the first pending step and those that may run beside it
+        if serving_key(stage) is not None:
+            model, key = served_for(k, stage), serving_key(stage)
             if not self.ensure_serving(k, model, key):
                 if st.get("phase") != "Failed":
                     st["phase"] = "Serving"
@@ -669,14 +688,25 @@ class _Reconciler:
                 return self.finish()
             st["endpoint"] = endpoint(self.run, model)
             st["phase"] = "Evaluating" if stage in (EVAL_STAGE, LF_EVAL_STAGE) else "Generating"
-            self.run_stage(k, stage, st["endpoint"])
+            for kk, ss in window:
+                # the same server: the record of the step's own iteration adopts it (no create, it is ready)
+                if (kk, ss) != (k, stage) and not self.ensure_serving(kk, served_for(kk, ss), serving_key(ss)):
+                    break
+                self.run_stage(kk, ss, st["endpoint"])
+        elif stage == TRAIN_STAGES[0]:
+            # build-sft needs neither the server nor a GPU: it runs while vLLM goes down for the training Jobs
+            freed = self.scaled_down()
+            st.pop("endpoint", None)
+            st["phase"] = "Training" if freed else "ScalingDown"
+            self.run_stage(k, stage, None)
         else:
             if not self.scaled_down():
                 st["phase"] = "ScalingDown"
                 return self.finish()
             st.pop("endpoint", None)
             st["phase"] = "Training"
-            self.run_stage(k, stage, None)
+            for kk, ss in window:  # with training.concurrent: both roles' Jobs at once
+                self.run_stage(kk, ss, None)
         return self.finish()
 
     def release_failed_jobs(self) -> None:

@@ -170,6 +170,10 @@ class TrainingJobs(Model):
     resources: Resources = Field(default_factory=Resources)
     shm_size: Quantity = Field("32Gi")
     rendezvous_port: int = Field(29500, ge=1024, le=65535)
+    concurrent: bool = Field(
+        False, description="Train the Generator and the Extender at the same time: two Jobs of nodes x "
+        "processesPerNode GPUs each, so the cluster needs room for both (e.g. two nodes, or processesPerNode 4 on one "
+        "8-GPU node); false: one after the other, each with all of them")
     node_selector: NodeSelector | None = _role_node_selector("training")
     tolerations: list[Toleration] | None = _role_tolerations("training")
 
@@ -445,6 +449,29 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
         errors.append(f"deadlines.stages: unknown stage(s) {', '.join(unknown)} (serving has "
                       "inference.startupTimeoutSeconds)")
     return errors
+
+
+def may_overlap(cluster: ClusterSpec, earlier: tuple[int, str], later: tuple[int, str]) -> bool:
+    """Whether step `later` may run while `earlier` (before it in run_steps) has not finished. The inputs of
+    `later` never include `earlier`'s outputs in these cases, so the results are those of the plain order:
+    - the evaluation of iteration k beside iteration k+1's data stages: the same server (model k) serves both, so
+      the evaluation takes no serving start and no GPU time of its own;
+    - with training.concurrent, train-extender beside train-generator (both read build-sft's sets only)."""
+    (ke, se), (kl, sl) = earlier, later
+    if se == EVAL_STAGE and sl in DATA_STAGES and kl == ke + 1:
+        return True
+    return cluster.training.concurrent and ke == kl and (se, sl) == TRAIN_STAGES[1:]
+
+
+def runnable_steps(cluster: ClusterSpec, pending: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The steps to drive now: the first pending one, and each next pending one that may run beside every pending
+    step before it (may_overlap), up to the first that may not."""
+    out: list[tuple[int, str]] = []
+    for i, step in enumerate(pending):
+        if not all(may_overlap(cluster, earlier, step) for earlier in pending[:i]):
+            break
+        out.append(step)
+    return out
 
 
 def run_steps(config: RunConfig) -> list[tuple[int, str]]:

@@ -142,9 +142,13 @@ async def test_happy_path_two_iterations_from_apply_to_succeeded(cluster):
             steps.append(await cluster.play())
             after = await cluster.status()
             new_jobs = set(await cluster.names("Job")) - jobs_before
-            # exactly the current stage's Job appears, and only once the previous step is done
-            if after.get("phase") in ("Generating", "Training"):
-                assert new_jobs == {current_child(after)}, (steps[-1], new_jobs)
+            # only the current stage's Job appears, and only once the previous step is done; build-sft (CPU only)
+            # appears as vLLM starts going down, before the GPUs are free
+            if after.get("phase") in ("Generating", "Training") or after.get("stage") == "build-sft":
+                assert new_jobs <= {current_child(after)}, (steps[-1], new_jobs)
+                assert current_child(after) in jobs_before | new_jobs
+                if after.get("phase") == "Generating":
+                    assert new_jobs == {current_child(after)}, (steps[-1], new_jobs)
             else:
                 assert new_jobs == set(), (steps[-1], new_jobs)
             assert after["currentIteration"] >= before["currentIteration"]
@@ -204,6 +208,31 @@ async def test_operator_restart_with_a_lost_status_trusts_the_store(cluster):
         st = await cluster.wait(lambda s: s.get("stage") == "extend", "extend")
         assert st["history"][0]["stages"]["self-instruct"]["state"] == "Succeeded"
     assert cluster.created("jobs") == ["demo-i01-self-instruct-a1", "demo-i01-respond-a1", "demo-i01-extend-a1"]
+
+
+async def test_concurrent_training_with_a_lost_status_trusts_the_store_beyond_the_first_missing_stage(cluster):
+    """training.concurrent: both training Jobs at once, on the strict API server; the Extender finishes first and
+    its Job is gone, the status is lost: the restarted operator finds the Extender's marker behind the
+    Generator's missing one and makes no Job twice."""
+    async with operator(cluster):
+        await cluster.apply("demo", spec(iterations=1, training={"concurrent": True, "processesPerNode": 4}))
+        await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving")
+        while (await cluster.status()).get("stage") != "train-generator" or \
+                (await cluster.status()).get("phase") != "Training":
+            await cluster.play()
+        await cluster.until(lambda: cluster.get("Job", "demo-i01-train-extender-a1"), "the Extender's Job")
+        jobs = await cluster.names("Job")
+        assert {"demo-i01-train-generator-a1", "demo-i01-train-extender-a1"} <= set(jobs)
+        assert await cluster.complete("demo-i01-train-extender-a1")
+    await cluster.request("DELETE", f"{PATHS['Job']}/demo-i01-train-extender-a1")
+    await cluster.patch_run({"status": None}, "status")
+    async with operator(cluster):
+        st = await cluster.wait(lambda s: s.get("stage") == "train-generator", "train-generator")
+        assert st["history"][0]["stages"]["train-extender"]["state"] == "Succeeded"
+        assert await cluster.complete("demo-i01-train-generator-a1")
+        await cluster.wait(lambda s: s.get("phase") == "Succeeded", "Succeeded")
+    jobs = cluster.created("jobs")
+    assert len(jobs) == len(set(jobs)) == 6
 
 
 async def test_a_stage_failing_once_is_retried(cluster):

@@ -10,6 +10,16 @@ from kube_fixtures import World, current_child, make_run, play_cluster, run_to_c
 from selflengthen.operator.reconcile import invalid_spec
 
 
+def play_until(world: World, stage: str, phase: str) -> None:
+    """Play the cluster's part until the run's current step is `stage` in `phase` (that step not yet played)."""
+    for _ in range(40):
+        world.settle()
+        if (world.status.get("stage"), world.status.get("phase")) == (stage, phase):
+            return
+        play_cluster(world)
+    raise AssertionError(f"never reached {stage} ({phase})")
+
+
 def stage_jobs(world: World) -> list[str]:
     return [c for c in world.created if c.startswith("Job/")]
 
@@ -76,7 +86,7 @@ def test_happy_path_two_iterations_exact_children_and_status():
     assert world.settle().actions == []  # finished: nothing more to do
 
 
-def test_data_jobs_point_at_the_service_and_training_waits_for_gpus():
+def test_data_jobs_point_at_the_service_build_sft_runs_while_vllm_goes_down_training_waits_for_gpus():
     world = World(make_run())
     world.settle()
     world.ready("demo-m00-vllm-a1")
@@ -87,27 +97,107 @@ def test_data_jobs_point_at_the_service_and_training_waits_for_gpus():
     for stage in ("self-instruct", "respond", "extend"):
         world.complete(f"demo-i01-{stage}-a1")
         world.settle()
-    assert world.status["phase"] == "ScalingDown"
+    assert world.status["phase"] == "ScalingDown" and world.status["stage"] == "build-sft"
     assert world.objects[("Deployment", "demo-m00-vllm-a1")]["spec"]["replicas"] == 0
+    # build-sft (CPU only) is started in the same reconcile that scales vLLM down: off the GPUs' critical path
+    assert world.created[-1] == "Job/demo-i01-build-sft-a1"
+    build = world.objects[("Job", "demo-i01-build-sft-a1")]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(build["containers"][0].get("resources"))
+    assert "--endpoint" not in build["containers"][0]["command"]
     world.objects[("Deployment", "demo-m00-vllm-a1")]["status"] = {"replicas": 1}  # a pod still terminating
+    world.complete("demo-i01-build-sft-a1")
     for _ in range(3):
         world.step()
-    assert "Job/demo-i01-build-sft-a1" not in world.created
+    assert world.status["phase"] == "ScalingDown" and world.status["stage"] == "train-generator"
+    assert "Job/demo-i01-train-generator-a1" not in world.created  # its GPUs are still held
     world.scaled_to_zero("demo-m00-vllm-a1")
     world.settle()
     assert world.names("Deployment") == [] and world.status["phase"] == "Training"
-    assert "Job/demo-i01-build-sft-a1" in world.created
+    assert world.created[-1] == "Job/demo-i01-train-generator-a1"
 
 
+def test_evaluation_of_model_k_runs_beside_iteration_k_plus_1s_data_stages_on_the_same_server():
+    world = World(make_run(spec(evaluate={"enabled": True})))
+    play_until(world, "evaluate-serving", "Serving")
+    world.ready("demo-m01-vllm-a1")
+    plan = world.settle()
+    # one reconcile starts the evaluation and iteration 2's self-instruct, both pointed at model 1's Service
+    assert stage_jobs(world)[-2:] == ["Job/demo-i01-evaluate-a1", "Job/demo-i02-self-instruct-a1"]
+    for name in ("demo-i01-evaluate-a1", "demo-i02-self-instruct-a1"):
+        cmd = world.objects[("Job", name)]["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert cmd[cmd.index("--endpoint") + 1] == "http://demo-m01-vllm.ml.svc:8000/v1"
+    assert plan.status["phase"] == "Evaluating" and plan.status["currentIteration"] == 1
+    it2 = world.status["history"][1]["stages"]
+    assert it2["serving"]["child"] == "demo-m01-vllm-a1" and it2["self-instruct"]["state"] == "Running"
+    # the data stages go on in order while the evaluation runs; build-sft waits for it (the server must stay)
+    for stage in ("self-instruct", "respond", "extend"):
+        world.complete(f"demo-i02-{stage}-a1")
+        world.settle()
+    assert "Job/demo-i02-build-sft-a1" not in world.created
+    assert world.objects[("Deployment", "demo-m01-vllm-a1")]["spec"]["replicas"] == 1
+    assert world.status["stage"] == "evaluate" and world.status["phase"] == "Evaluating"
+    world.complete("demo-i01-evaluate-a1", {"scores": {"overall": 0.7}})
+    world.settle()
+    assert world.status["phase"] == "ScalingDown" and world.status["stage"] == "build-sft"
+    assert world.created[-1] == "Job/demo-i02-build-sft-a1"
+    assert world.objects[("Deployment", "demo-m01-vllm-a1")]["spec"]["replicas"] == 0
+    assert sum(c.startswith("Deployment/") for c in world.created) == 2  # one serving start per model
+
+
+def test_concurrent_training_starts_both_roles_at_once_and_resumes_the_one_left():
+    run_spec = spec(training={"concurrent": True, "processesPerNode": 4})
+    world = World(make_run(run_spec))
+    play_until(world, "train-generator", "Training")
+    assert stage_jobs(world)[-2:] == ["Job/demo-i01-train-generator-a1", "Job/demo-i01-train-extender-a1"]
+    for role in ("generator", "extender"):
+        pod = world.objects[("Job", f"demo-i01-train-{role}-a1")]["spec"]["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    # the Extender finishes first; then the operator restarts with no status at all
+    world.complete("demo-i01-train-extender-a1")
+    world.settle()
+    assert world.status["stage"] == "train-generator"
+    assert world.status["history"][0]["stages"]["train-extender"]["state"] == "Succeeded"
+    world.status = {}
+    before = list(world.created)
+    world.settle()
+    assert world.created == before  # the running Generator Job is adopted, the finished Extender not run again
+    assert world.status["stage"] == "train-generator" and world.status["phase"] == "Training"
+    world.complete("demo-i01-train-generator-a1")
+    world.settle()
+    assert world.status["currentIteration"] == 2 and world.status["stage"] == "serving"
+    assert world.created[-1] == "Deployment/demo-m01-vllm-a1"
+    # and the other order: the Generator first, the Extender still running
+    play_until(world, "train-generator", "Training")
+    assert world.created[-1] == "Job/demo-i02-train-extender-a1"
+    world.complete("demo-i02-train-generator-a1")
+    world.settle()
+    assert world.status["stage"] == "train-extender" and world.status["phase"] == "Training"
+    assert "Job/demo-i02-train-extender-a2" not in world.created
+    world.complete("demo-i02-train-extender-a1")
+    world.settle()
+    assert world.status["phase"] == "Succeeded"
+
+
+def test_sequential_training_by_default():
+    world = World(make_run())
+    play_until(world, "train-generator", "Training")
+    assert "Job/demo-i01-train-extender-a1" not in world.created
+    world.complete("demo-i01-train-generator-a1")
+    world.settle()
+    assert world.created[-1] == "Job/demo-i01-train-extender-a1"
+
+
+@pytest.mark.parametrize("concurrent", [False, True], ids=["sequential-training", "concurrent-training"])
 @pytest.mark.parametrize("keep_status", [True, False], ids=["status-kept", "status-lost"])
-def test_restart_in_the_middle_of_every_stage_makes_no_duplicates(keep_status):
+def test_restart_in_the_middle_of_every_stage_makes_no_duplicates(keep_status, concurrent):
     """An operator restart is a reconcile with no memory: from the status (or without it, from the children
     and the store's markers alone) it must adopt what exists and never run a finished stage again."""
-    reference = World(make_run(spec(evaluate={"enabled": True})))
+    run_spec = spec(evaluate={"enabled": True}, training={"concurrent": concurrent})
+    reference = World(make_run(run_spec))
     run_to_completion(reference)
     steps = len([c for c in reference.created if c.startswith(("Job/", "Deployment/"))]) + 2
     for restart_at in range(steps):
-        world = World(make_run(spec(evaluate={"enabled": True})))
+        world = World(make_run(run_spec))
         count = 0
 
         def restart(w):
