@@ -38,6 +38,10 @@ CONFIG_DIR = "/etc/selflengthen"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 ADAPTERS_DIR = "/adapters"
 HF_HOME = "/cache/huggingface"
+# vLLM's compile caches in each serving pod, seeded from and published to <HF_HOME>/<COMPILE_CACHE_SUBDIR>/<key>
+# on the cache claim (operator/compile_cache.py)
+COMPILE_CACHE_DIR = "/compile-cache"
+COMPILE_CACHE_SUBDIR = "selflengthen-compile-cache"
 WORKDIR = "/work"
 # Every stage pod serves its Prometheus metrics here while it runs (`selflengthen stage --metrics-port`; one
 # server a pod: local rank 0 under torchrun).
@@ -309,9 +313,15 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
     if inf.max_model_len:
         args += ["--max-model-len", str(inf.max_model_len)]
     args += [literal(a) for a in inf.extra_args]
+    env = hf_env(run)
+    if inf.model_cache_claim:  # compile caches kept on the claim across iterations (operator/compile_cache.py)
+        init += compile_cache_containers(run, args)
+        volumes.append({"name": "compile-cache", "emptyDir": {}})
+        mounts.append({"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR})
+        env += compile_cache_env()
     http = {"path": "/health", "port": "http"}
     period = 10
-    container = _container(run, "vllm", inf.image, ["vllm", "serve", *args], env=hf_env(run), mounts=mounts,
+    container = _container(run, "vllm", inf.image, ["vllm", "serve", *args], env=env, mounts=mounts,
                            resources=_resources(inf, inf.tensor_parallel_size))
     container["ports"] = [{"name": "http", "containerPort": inf.port, "protocol": "TCP"}]
     container["startupProbe"] = {"httpGet": http, "periodSeconds": period, "timeoutSeconds": 5,
@@ -336,6 +346,37 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
             "template": {"metadata": {"labels": pod_labels}, "spec": pod},
         },
     }
+
+
+def compile_cache_env() -> list[dict]:
+    """vLLM's torch.compile cache, Inductor's and Triton's, all in the pod's own directory (seeded from the claim)."""
+    return [{"name": "VLLM_CACHE_ROOT", "value": f"{COMPILE_CACHE_DIR}/vllm"},
+            {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{COMPILE_CACHE_DIR}/inductor"},
+            {"name": "TRITON_CACHE_DIR", "value": f"{COMPILE_CACHE_DIR}/triton"}]
+
+
+def compile_cache_key(run: Run, args: list[str]) -> str:
+    """What vLLM compiles for depends on its image and arguments: one snapshot series per (image, arguments), so
+    that runs sharing a claim, and the base model against the adapters, never seed each other's caches."""
+    return hashlib.sha256("\0".join([run.cluster.inference.image, *args]).encode()).hexdigest()[:16]
+
+
+def compile_cache_containers(run: Run, args: list[str]) -> list[dict]:
+    """The init container that seeds the pod's compile cache from the claim, and the sidecar (an init container
+    with restartPolicy Always, Kubernetes >= 1.29) that publishes it back once vLLM is healthy."""
+    inf = run.cluster.inference
+    shared = f"{HF_HOME}/{COMPILE_CACHE_SUBDIR}/{compile_cache_key(run, args)}"
+    mounts = [{"name": "hf-cache", "mountPath": HF_HOME}, {"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR}]
+    cmd = ["python", "-m", "selflengthen.operator.compile_cache"]
+    where = ["--shared", shared, "--local", COMPILE_CACHE_DIR]
+    resources = _resources(inf, resources=inf.fetch_resources)
+    seed = _container(run, "seed-compile-cache", run.cluster.image, [*cmd, "seed", *where], mounts=mounts,
+                      resources=resources)
+    publish = _container(run, "publish-compile-cache", run.cluster.image,
+                         [*cmd, "publish", *where, "--health-url", f"http://127.0.0.1:{inf.port}/health",
+                          "--timeout", str(inf.startup_timeout_seconds)], mounts=mounts, resources=resources)
+    publish["restartPolicy"] = "Always"
+    return [seed, publish]
 
 
 def serving_service(run: Run, model: int) -> dict:

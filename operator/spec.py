@@ -148,11 +148,14 @@ class Inference(Model):
     hf_token_secret: SecretKeyRef | None = Field(None, description="Hugging Face token (gated models), as HF_TOKEN")
     model_cache_claim: str | None = Field(
         None, pattern=DNS_SUBDOMAIN, max_length=253,
-        description="PVC mounted as the Hugging Face cache of every pod (else an emptyDir each). Pods on several "
-        "nodes share it (replicas, training nodes, CPU Jobs), so it must be ReadWriteMany; a ReadWriteOnce claim "
-        "attaches to one node only and the pods elsewhere stay Pending")
+        description="PVC mounted as the Hugging Face cache of every pod (else an emptyDir each), so that only the "
+        "first pod downloads the model; it also keeps vLLM's compile caches (torch.compile, Inductor, Triton) "
+        "across iterations, as snapshots each vLLM pod seeds from and publishes to. Pods on several nodes share it "
+        "(replicas, training nodes, CPU Jobs), so it must be ReadWriteMany; a ReadWriteOnce claim attaches to one "
+        "node only and the pods elsewhere stay Pending")
     fetch_resources: Resources = _resources({"cpu": "500m", "memory": "1Gi"}, {"memory": "4Gi"},
-                                            "the init container that fetches trained models from the store")
+                                            "the init container that fetches trained models from the store "
+                                            "(and those that seed and publish the compile cache)")
     node_selector: NodeSelector | None = _role_node_selector("vLLM")
     tolerations: list[Toleration] | None = _role_tolerations("vLLM")
 

@@ -133,6 +133,21 @@ def _container_errors(c: dict, path: str, volumes: set[str]) -> list[tuple[str, 
     return out
 
 
+def _restart_policy_errors(c: dict, path: str, *, init: bool) -> list[tuple[str, str]]:
+    """A container's restartPolicy: only `Always`, and only on an init container (a native sidecar, 1.29+); an
+    init container that is not a sidecar runs to completion, so it may have no probes (validateInitContainers;
+    restart rules of regular containers are behind a feature gate that is off by default)."""
+    policy = c.get("restartPolicy")
+    if not init:
+        return [(f"{path}.restartPolicy", "Forbidden: may not be set for non-init containers")] if policy else []
+    if policy is not None and policy != "Always":
+        return [(f"{path}.restartPolicy", f'Unsupported value: "{policy}": supported values: "Always"')]
+    if policy is None:
+        return [(f"{path}.{probe}", "Forbidden: may not be set for init containers without restartPolicy=Always")
+                for probe in ("livenessProbe", "readinessProbe", "startupProbe") if probe in c]
+    return []
+
+
 def pod_spec_errors(spec: dict, path: str) -> list[tuple[str, str]]:
     out = []
     volumes = set()
@@ -149,6 +164,7 @@ def pod_spec_errors(spec: dict, path: str) -> list[tuple[str, str]]:
     for kind in ("initContainers", "containers"):
         for i, c in enumerate(spec.get(kind) or []):
             out.extend(_container_errors(c, f"{path}.{kind}[{i}]", volumes))
+            out.extend(_restart_policy_errors(c, f"{path}.{kind}[{i}]", init=kind == "initContainers"))
             if c.get("name") in names:
                 out.append((f"{path}.{kind}[{i}].name", f"Duplicate value: {c.get('name')!r}"))
             names.add(c.get("name"))

@@ -29,6 +29,8 @@ def children():
         "ConfigMap": config_map(run),
         "Service": serving_service(run, 0),
         "Deployment": serving_deployment(run, 0, 1),
+        # adapters fetched, the compile cache seeded and published by a native sidecar
+        "CachedDeployment": serving_deployment(make_run(spec(inference={"modelCacheClaim": "hf-cache"})), 1, 1),
         "Job": stage_job(run, 1, "respond", 1, endpoint_url="http://demo-m00-vllm.ml.svc:8000/v1"),
         "TrainingJob": training_job(run, 1, "train-generator", 1),
         "TrainingService": training_service(run, 1, "train-generator", 1),
@@ -81,6 +83,12 @@ BAD = [
     ("mount of a missing volume", "Job", lambda o: _pod(o)["containers"][0]["volumeMounts"].append(
         {"name": "nowhere", "mountPath": "/x"}), "spec.template.spec.containers[0].volumeMounts"),
     ("config key", "ConfigMap", lambda o: o["data"].update({"a b": "c"}), "data[a b]"),
+    ("init container restartPolicy other than Always", "CachedDeployment", lambda o: _pod(o)["initContainers"][-1]
+     .update(restartPolicy="OnFailure"), "spec.template.spec.initContainers[2].restartPolicy"),
+    ("restartPolicy on a regular container", "Deployment", lambda o: _pod(o)["containers"][0].update(
+        restartPolicy="Always"), "spec.template.spec.containers[0].restartPolicy"),
+    ("probe on an init container that is no sidecar", "CachedDeployment", lambda o: _pod(o)["initContainers"][0]
+     .update(readinessProbe={"httpGet": {"path": "/", "port": 80}}), "spec.template.spec.initContainers[0]"),
 ]
 
 

@@ -425,3 +425,86 @@ def test_the_cache_claims_access_mode_is_documented_where_the_operator_cannot_se
 
     props = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert "ReadWriteMany" in props["inference"]["properties"]["modelCacheClaim"]["description"]
+
+
+def test_with_a_cache_claim_vllm_pods_seed_and_publish_the_compile_cache_on_it():
+    run = make_run(spec(inference={"modelCacheClaim": "hf-cache", "replicas": 8}))
+    key = {}
+    for model in (0, 1, 2):
+        pod = r.serving_deployment(run, model, 1)["spec"]["template"]["spec"]
+        vllm = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in vllm["env"]}
+        # every compile cache in the pod's own directory, not in /tmp (lost) nor straight on the claim (raced)
+        assert env["VLLM_CACHE_ROOT"] == "/compile-cache/vllm"
+        assert env["TORCHINDUCTOR_CACHE_DIR"] == "/compile-cache/inductor"
+        assert env["TRITON_CACHE_DIR"] == "/compile-cache/triton"
+        assert env["HF_HOME"] == "/cache/huggingface"  # the model itself from the claim: downloaded once
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["hf-cache"] == {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}
+        assert volumes["compile-cache"] == {"name": "compile-cache", "emptyDir": {}}
+        mounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
+        assert mounts["compile-cache"] == "/compile-cache" and mounts["hf-cache"] == "/cache/huggingface"
+        init = {c["name"]: c for c in pod["initContainers"]}
+        names = [c["name"] for c in pod["initContainers"]]
+        assert names[-2:] == ["seed-compile-cache", "publish-compile-cache"]  # after fetch-models (model > 0)
+        seed, publish = init["seed-compile-cache"], init["publish-compile-cache"]
+        assert "restartPolicy" not in seed and publish["restartPolicy"] == "Always"  # a native sidecar
+        for c in (seed, publish):
+            assert c["command"][:3] == ["python", "-m", "selflengthen.operator.compile_cache"]
+            assert c["image"] == run.cluster.image
+            shared = c["command"][c["command"].index("--shared") + 1]
+            assert shared.startswith("/cache/huggingface/selflengthen-compile-cache/")
+            assert c["command"][c["command"].index("--local") + 1] == "/compile-cache"
+            assert {m["name"] for m in c["volumeMounts"]} >= {"hf-cache", "compile-cache"}
+        assert publish["command"][publish["command"].index("--health-url") + 1] == "http://127.0.0.1:8000/health"
+        key[model] = shared
+    # one snapshot series per thing vLLM compiles: the base model apart from the adapters, every iteration's
+    # adapters (the same arguments) the same series
+    assert key[0] != key[1] and key[1] == key[2]
+    other = make_run(spec(inference={"modelCacheClaim": "hf-cache", "maxModelLen": 8192}))
+    pod = r.serving_deployment(other, 1, 1)["spec"]["template"]["spec"]
+    seed = next(c for c in pod["initContainers"] if c["name"] == "seed-compile-cache")
+    assert seed["command"][seed["command"].index("--shared") + 1] != key[1]
+
+
+def test_without_a_cache_claim_no_compile_cache_containers():
+    pod = r.serving_deployment(make_run(), 1, 1)["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-models"]
+    assert "VLLM_CACHE_ROOT" not in {e["name"] for e in pod["containers"][0]["env"]}
+
+
+def test_compile_cache_snapshots_seed_publish_and_concurrent_publishers(tmp_path):
+    from selflengthen.operator import compile_cache as cc
+
+    shared = tmp_path / "claim" / "key"
+    first = tmp_path / "pod-a"
+    assert cc.seed(shared, first) == 0  # nothing yet: a cold compile
+    assert cc.publish(shared, first, pod="a", now=1) is None  # vLLM compiled nothing: nothing to publish
+    (first / "vllm" / "torch_compile_cache" / "h1" / "rank_0_0").mkdir(parents=True)
+    (first / "vllm" / "torch_compile_cache" / "h1" / "rank_0_0" / "graph.py").write_text("g1")
+    (first / "triton" / "k1").mkdir(parents=True)
+    (first / "triton" / "k1" / "kernel.cubin").write_text("k1")
+    assert cc.publish(shared, first, pod="a", now=1) == "000000000001-a"
+    assert (shared / "LATEST").read_text() == "000000000001-a"
+    # the next iteration's pods start from it and, having compiled nothing new, publish nothing
+    for pod in ("b", "c"):
+        local = tmp_path / f"pod-{pod}"
+        assert cc.seed(shared, local) == 2
+        assert (local / "triton" / "k1" / "kernel.cubin").read_text() == "k1"
+        assert cc.publish(shared, local, pod=pod, now=2) is None
+    # two pods that both compiled something new: each publishes a complete snapshot, the last one wins
+    for pod, now in (("b", 3), ("c", 4)):
+        local = tmp_path / f"pod-{pod}"
+        (local / "triton" / f"k-{pod}").mkdir()
+        (local / "triton" / f"k-{pod}" / "kernel.cubin").write_text(pod)
+        assert cc.publish(shared, local, pod=pod, now=now, keep=2) == f"{now:012d}-{pod}"
+    assert (shared / "LATEST").read_text() == "000000000004-c"
+    snaps = sorted(p.name for p in (shared / "snapshots").iterdir())
+    assert snaps == ["000000000003-b", "000000000004-c"]  # older ones pruned, no temporary left
+    fresh = tmp_path / "pod-d"
+    assert cc.seed(shared, fresh) == 3
+    assert not (fresh / "triton" / "k-b").exists()  # one pod's consistent tree, never a mix
+    # a broken pointer is a cold start, not an error
+    (shared / "LATEST").write_text("../../etc")
+    assert cc.latest(shared) is None and cc.seed(shared, tmp_path / "pod-e") == 0
+    assert cc.main(["seed", "--shared", str(tmp_path / "nowhere"), "--local", str(tmp_path / "pod-f")]) == 0
