@@ -7,13 +7,19 @@ One server for the module; the stages run in-process against it, into a file sto
   - the forced assistant prefix really continues (the rendered prompt ends in the prefix, the turn stays open,
     the reply is the continuation only),
   - respond and extend on a few seed instructions, with a growth above extend.minGrowth accepted,
-  - one LoRA training step on the extended answers, and that adapter loaded into the running server and answering.
+  - one LoRA training step on the extended answers, and that adapter loaded into the running server and answering;
+  - the length-following step after the (last) iteration: collect's length-demand rows from these real answers,
+    train-length-following on them with LoRA, and LongBench-Write's S_l (and LonGen, the held-out lengths) of the
+    iteration's Generator against the length-following model on the same items, the measured effect recorded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -61,9 +67,16 @@ def ctx(server, tmp_path_factory) -> StageContext:
         "respond": {"samplesPerInstruction": 1, "maxRetries": 3, "maxTokens": 320},
         "extend": {"attempts": 1, "passes": 2, "maxRetries": 2, "maxTokens": 640},
         "filters": {"dropShort": False},
-        "evaluate": {"heldoutItems": 2, "heldoutMaxTokens": 96},
+        # what evaluate (before) and evaluate-length-following (after) ask: 8 English LongBench-Write items (100 to
+        # 5,000 words required; with 384 tokens only those up to ~800 words can score), one LonGen item (its
+        # demands start at 2,000 words: it scores ~0 here, it is asked because LonGen cannot be left out)
+        "evaluate": {"heldoutItems": 2, "heldoutMaxTokens": 96, "items": 1, "languages": ["en"], "maxTokens": 384,
+                     "longbenchWrite": {"items": 8}, "ruler": {"enabled": False}},
+        # collect: two new answers of the Generator plus the iteration's (initial, extended) pairs, no extension
+        "collect": {"enabled": True, "items": 2, "extend": False, "maxTokens": 320},
+        "lengthFollowing": {"enabled": True},
         "client": {"concurrency": 8, "deadlineSeconds": 120},
-        "training": {"maxSteps": 1, "cutoffTokens": 768, "learningRate": 1e-3, "saveSteps": 100},
+        "training": {"maxSteps": 1, "cutoffTokens": 768, "learningRate": 1e-3, "saveSteps": 100, "precision": "bf16"},
         "storage": {"uri": f"file://{root}/store", "shardSize": 4},
     })
     return StageContext(config=config, iteration=1, store=LocalStore(root / "store"), endpoint=server.endpoint)
@@ -109,11 +122,18 @@ def test_the_forced_prefix_continues_the_open_assistant_turn(server):
     assert text[:1] in (" ", ",", "\n") or text[:1].islower(), f"does not continue the sentence: {text[:80]!r}"
 
 
-def test_respond_and_extend_grow_real_answers(ctx):
+def write_self_instruct(ctx: StageContext) -> None:
+    """The three short-text requests as the iteration's self-instruct outputs (once)."""
+    if ctx.artifacts("self-instruct").done():
+        return
     rows = [{"id": f"si-{i}", "language": "en", "instruction": p, "words": count_words(p)}
             for i, p in enumerate(INSTRUCTIONS)]
     ctx.artifacts("self-instruct").write_outputs(rows, 4)
     ctx.artifacts("self-instruct").finish({"counts": {"requested": len(rows), "accepted": len(rows)}})
+
+
+def test_respond_and_extend_grow_real_answers(ctx):
+    write_self_instruct(ctx)
 
     respond = run_stage("respond", ctx)
     answers = list(ctx.artifacts("respond").read_outputs())
@@ -160,3 +180,121 @@ def test_one_lora_step_on_the_real_model_and_vllm_serves_the_adapter(ctx, server
             "max_tokens": 48, "temperature": 0, "seed": 2,
         }).json()
     assert count_words(reply["choices"][0]["message"]["content"]) >= 10, reply
+
+
+# -- the length-following step after the last iteration ----------------------------------------------------------------
+
+LF_STEPS = 12  # optimizer steps of train-length-following here: about one and a half passes over its ~8 examples
+
+
+def load_adapter(server, name: str, path: Path) -> None:
+    root = server.endpoint.removesuffix("/v1")
+    with httpx.Client(timeout=600) as http:
+        loaded = http.post(f"{root}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path.resolve())})
+        assert loaded.status_code == 200, loaded.text
+        assert name in {m["id"] for m in http.get(f"{server.endpoint}/models").json()["data"]}
+
+
+def serving(ctx: StageContext, generator: str, **training) -> StageContext:
+    """The same run, the Generator's part played by the model served under `generator` (the runner serves the
+    iteration's adapter, and for evaluate-length-following the length-following one, under models.generator)."""
+    config = ctx.config.model_copy(update={
+        "models": ctx.config.models.model_copy(update={"generator": generator}),
+        "training": ctx.config.training.model_copy(update=training)})
+    return dataclasses.replace(ctx, config=config)
+
+
+def longbench_rows(ctx: StageContext, stage: str) -> dict[str, dict]:
+    return {r["id"]: r for r in ctx.artifacts(stage).read_outputs() if r["benchmark"] == "longbench-write"}
+
+
+def summary(manifest: dict, rows: dict[str, dict]) -> dict:
+    """What the comparison records of one evaluation: S_l (overall, per bucket), produced against required
+    length (LongWriter's count), LonGen, and the held-out answers' words (prompts without a demand)."""
+    lbw = manifest["longbenchWrite"]
+    return {"model": manifest["model"], "sl": lbw["sl"]["overall"], "slByBucket": lbw["sl"]["byBucket"],
+            "meanRequired": round(sum(r["required"] for r in rows.values()) / len(rows), 1),
+            "meanLength": lbw["averageLength"],
+            "meanLengthOverRequired": round(sum(r["length"] / r["required"] for r in rows.values()) / len(rows), 3),
+            "truncated": sum(r["finishReason"] == "length" for r in rows.values()),
+            "longen": manifest["scores"]["overall"], "heldoutAverageWords": manifest["heldout"]["averageWords"]}
+
+
+def test_the_length_following_step_on_the_real_model_records_its_effect(ctx, server, tmp_path, monkeypatch):
+    """collect -> train-length-following -> evaluate-length-following on SmolLM2, against the iteration's
+    Generator's evaluation on the same items and seeds. What is asserted is what must hold whatever the model
+    learnt; the effect on S_l is measured and recorded (length-following-effect.json, printed), not asserted."""
+    started = time.perf_counter()
+    monkeypatch.setenv("SELFLENGTHEN_WORKDIR", str(tmp_path / "work"))
+    write_self_instruct(ctx)
+    for stage in ("respond", "extend", "build-sft", "train-generator", "train-extender"):
+        run_stage(stage, ctx)  # already done when the tests above ran
+    from selflengthen.pipeline.longbench import longwriter_length
+    from selflengthen.pipeline.longen import demand_holds, parse_length_demand
+    from selflengthen.pipeline.report import build_report
+    from selflengthen.pipeline.training import LENGTH_FOLLOWING, fetch_trained_model, model_prefix
+
+    # The iteration's trained Generator, served as the runner serves it for evaluate and collect.
+    generator = fetch_trained_model(ctx.config, ctx.store, 1, "generator", tmp_path / "fetched")
+    load_adapter(server, "generator-i01", generator.path)
+    last = serving(ctx, "generator-i01", max_steps=LF_STEPS)
+
+    collect = run_stage("collect", last)
+    rows = list(last.artifacts("collect").read_outputs())
+    assert collect["counts"]["accepted"] == len(rows) >= 3, collect["counts"]
+    assert collect["bySource"].get("iteration-1", 0) >= 2, collect["bySource"]
+    for row in rows:  # every demand is written into the query, parses back, and is true of its answer
+        demand = parse_length_demand(row["messages"][0]["content"])
+        assert demand is not None and (demand.kind, demand.low, demand.high) == tuple(row["demand"].values()), row
+        assert demand_holds(demand, count_words(row["messages"][1]["content"])), row
+
+    train = run_stage("train-length-following", last)
+    assert (train["role"], train["mode"], train["steps"]) == (LENGTH_FOLLOWING, "lora", LF_STEPS)
+    assert train["initFrom"] == f"{ctx.store.uri}/{model_prefix('real', 1, 'generator')}"
+    generator_set = list(ctx.artifacts("build-sft/generator").read_outputs())
+    assert train["examplesBySource"] == {"real/collect": len(rows),
+                                         "real/iter-01/build-sft/generator": len(generator_set)}
+    assert all(math.isfinite(x) and x > 0 for x in (train["firstLoss"], train["finalLoss"]))
+
+    before = run_stage("evaluate", last)
+    trained = fetch_trained_model(ctx.config, ctx.store, 1, LENGTH_FOLLOWING, tmp_path / "fetched")
+    assert json.loads((trained.path / "adapter_config.json").read_text())["r"] == ctx.config.training.lora.rank
+    load_adapter(server, LENGTH_FOLLOWING, trained.path)
+    after_ctx = serving(ctx, LENGTH_FOLLOWING)
+    after = run_stage("evaluate-length-following", after_ctx)
+    assert (before["model"], after["model"], after["lengthFollowing"]) == ("generator-i01", LENGTH_FOLLOWING, True)
+
+    # The same items, each answered and scored by the product's S_l, in range; the adapter really answered.
+    b, a = longbench_rows(last, "evaluate"), longbench_rows(after_ctx, "evaluate-length-following")
+    assert b.keys() == a.keys() and len(b) == 8
+    for found, manifest in ((b, before), (a, after)):
+        for row in found.values():
+            assert 0 <= row["sl"] <= 100 and row["length"] == longwriter_length(row["response"]), row
+        assert sum(row["length"] >= 20 for row in found.values()) >= 6, [r["response"][:80] for r in found.values()]
+        mean = sum(r["sl"] for r in found.values()) / len(found)
+        assert manifest["longbenchWrite"]["sl"]["overall"] == pytest.approx(mean, abs=1e-3)
+        assert 0 <= manifest["scores"]["overall"] <= 1 and manifest["heldout"]["items"] == 2
+    # same prompts, same seeds: identical answers everywhere would mean the adapter was not applied
+    assert any(a[k]["response"] != b[k]["response"] for k in b)
+
+    # The report puts both side by side, from these manifests.
+    lf = build_report(ctx.store, ctx.config, 1)["lengthFollowing"]
+    assert (lf["before"]["sl"], lf["after"]["sl"]) == (before["longbenchWrite"]["sl"]["overall"],
+                                                       after["longbenchWrite"]["sl"]["overall"])
+    assert lf["training"]["steps"] == LF_STEPS
+
+    effect = {
+        "model": BASE, "seed": ctx.config.seed,
+        "training": {k: train[k] for k in ("steps", "examplesBySource", "firstLoss", "finalLoss", "epochLosses",
+                                           "precision", "trainSeconds")},
+        "collect": {"rows": len(rows), "bySource": collect["bySource"], "averageWords": collect["averageWords"],
+                    "demands": [r["messages"][0]["content"][-60:] for r in rows]},
+        "before": summary(before, b), "after": summary(after, a),
+        "items": [{"id": k, "required": b[k]["required"],
+                   "before": {"length": b[k]["length"], "sl": b[k]["sl"], "finish": b[k]["finishReason"]},
+                   "after": {"length": a[k]["length"], "sl": a[k]["sl"], "finish": a[k]["finishReason"]}}
+                  for k in sorted(b)],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (tmp_path / "length-following-effect.json").write_text(json.dumps(effect, indent=1))
+    print("length-following effect:", json.dumps(effect, indent=1))
