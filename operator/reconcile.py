@@ -358,7 +358,7 @@ class _Reconciler:
         if attempt >= limit:
             rec["state"] = "Failed"
             rec["finishedAt"] = ts(self.now)
-            self.fail_run(f"iteration {k}: {key} failed after {attempt} attempt(s): {reason}: {message}", reason)
+            self.fail_run(f"iteration {k}: {key} failed after {attempt} attempt(s): {reason}: {message}")
             return True
         delay = self.cl.retry.backoff(attempt)
         rec["state"] = "Retrying"
@@ -368,7 +368,7 @@ class _Reconciler:
         self.wait(delay)
         return False
 
-    def fail_run(self, message: str, reason: str) -> None:
+    def fail_run(self, message: str) -> None:
         self.status["phase"] = "Failed"
         self.status["finishedAt"] = ts(self.now)
         self.status["failureMessage"] = _truncate(message)
@@ -527,7 +527,7 @@ class _Reconciler:
         rec.update(state="Failed", finishedAt=ts(self.now))
         rec.pop("stuck", None)
         self.status["lastFailure"] = {"iteration": k, "stage": key, **failure}
-        self.fail_run(f"iteration {k}: {key}: stuck {waited:.0f}s: {reason}: {message}", reason)
+        self.fail_run(f"iteration {k}: {key}: stuck {waited:.0f}s: {reason}: {message}")
         return True
 
     def run_stage(self, k: int, stage: str, endpoint_url: str | None) -> None:

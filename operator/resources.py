@@ -399,7 +399,7 @@ def endpoint(run: Run, model: int) -> str:
 # -- stage Jobs -------------------------------------------------------------------------------------------------------
 
 
-def _stage_command(run: Run, stage: str, iteration: int, endpoint_url: str | None) -> list[str]:
+def _stage_command(stage: str, iteration: int, endpoint_url: str | None) -> list[str]:
     cmd = ["stage", stage, "--config", CONFIG_FILE, "--iteration", str(iteration), "--metrics-port", str(METRICS_PORT)]
     if endpoint_url:
         cmd += ["--endpoint", endpoint_url]
@@ -456,7 +456,7 @@ def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_ur
                 for e in run.cluster.secret_env]
     jobs = run.cluster.cpu_jobs
     container = _container(run, "stage", run.cluster.image,
-                           ["selflengthen", *_stage_command(run, stage, iteration, endpoint_url)],
+                           ["selflengthen", *_stage_command(stage, iteration, endpoint_url)],
                            env=env, mounts=mounts, resources=_resources(jobs))
     container["ports"] = [_metrics_port()]
     pod = _pod_spec(run, [container], role=jobs, restart="Never",
@@ -470,7 +470,7 @@ def training_job(run: Run, iteration: int, stage: str, attempt: int, *, suspend:
     static rendezvous at index 0, reached through the headless Service of the same name."""
     t = run.cluster.training
     name = job_name(run.name, iteration, stage, attempt)
-    stage_args = _stage_command(run, stage, iteration, None)
+    stage_args = _stage_command(stage, iteration, None)
     env = [*storage_env(run), *hf_env(run), {"name": "SELFLENGTHEN_WORKDIR", "value": WORKDIR}]
     if t.nodes == 1 and t.processes_per_node == 1:
         command = ["selflengthen", *stage_args]

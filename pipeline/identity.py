@@ -94,7 +94,7 @@ def diff(old: Model, new: Model, prefix: str = "") -> list[Change]:
 Node = tuple[str, int]  # (stage, iteration); a run-level stage (collect, ...) is (stage, the last iteration)
 
 
-def nodes(config: RunConfig, iterations: int) -> list[Node]:
+def nodes(iterations: int) -> list[Node]:
     """Every stage of iterations 1..iterations in run order, the run-level stages last (collect, then the
     length-following ones); also the stages switched off now (evaluate, collect, length following): their data,
     if any, must still agree with the stored configuration."""
@@ -104,12 +104,12 @@ def nodes(config: RunConfig, iterations: int) -> list[Node]:
     return found + [(s, iterations) for s in RUN_STAGES]
 
 
-def dependents(config: RunConfig, iterations: int, stages: Iterable[str]) -> list[Node]:
+def dependents(iterations: int, stages: Iterable[str]) -> list[Node]:
     """The stages named (in every iteration) and every stage that reads, directly or not, what they made."""
     named = set(stages)
     hit: list[Node] = []
     hit_set: set[Node] = set()
-    for stage, k in nodes(config, iterations):  # run order is a topological order
+    for stage, k in nodes(iterations):  # run order is a topological order
         reads = [(s, k) for s in READS_SAME_ITERATION[stage]]
         reads += [(s, k - 1) for s in READS_PREVIOUS_ITERATION.get(stage, ())] if k > 1 else []
         if stage in named or any(r in hit_set for r in reads):
@@ -185,16 +185,16 @@ def plan_rerun(store: Store, config: RunConfig, restart_from: Iterable[str] = ()
     changes = diff(old, config) if old is not None else []
     iterations = max(config.iterations, old.iterations if old else 0)
     run = config.name
-    restarted_in_order = dependents(config, iterations, restart)
+    restarted_in_order = dependents(iterations, restart)
     restarted = set(restarted_in_order)
     affected = [c for c in changes if c.stages]
-    stale = [n for n in dependents(config, iterations, (s for c in affected for s in c.stages))
+    stale = [n for n in dependents(iterations, (s for c in affected for s in c.stages))
              if n not in restarted and has_data(store, run, n)]
     if stale:
         needed: list[str] = []  # the fewest stages whose restart covers every stale one, earliest first
         for stage in sorted({s for c in affected for s in c.stages}, key=list(STAGES).index):
-            left = set(stale) - set(dependents(config, iterations, needed))
-            if left & set(dependents(config, iterations, [stage])):
+            left = set(stale) - set(dependents(iterations, needed))
+            if left & set(dependents(iterations, [stage])):
                 needed.append(stage)
         flag = " ".join(f"--restart-from {s}" for s in dict.fromkeys(restart + needed))
         fields = "\n".join(f"  {c.describe()}   (changes {_stage_list(c.stages)})" for c in affected)

@@ -17,6 +17,8 @@ import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from .stage_table import NAMES as STAGE_NAMES
+
 WORD_BUCKETS = (50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000, 32000)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 PHASES = ("Pending", "Serving", "Generating", "ScalingDown", "Training", "Evaluating", "Succeeded", "Failed",
@@ -165,7 +167,7 @@ class Metrics:
             self.run_phase.labels(run=run, namespace=namespace, phase=p).set(1 if p == phase else 0)
         self.run_iteration.labels(run=run, namespace=namespace).set(iteration)
         self.run_iterations.labels(run=run, namespace=namespace).set(iterations)
-        for s in _known_stages():
+        for s in STAGE_NAMES:
             self.run_stage.labels(run=run, namespace=namespace, stage=s).set(1 if s == stage else 0)
 
     def set_iteration(self, run: str, namespace: str, iteration: int, manifests: dict[str, dict]) -> None:
@@ -216,12 +218,6 @@ LENGTH_FOLLOWING = "length-following"  # the iteration label of the length-follo
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _known_stages() -> tuple[str, ...]:
-    from .stages import STAGES
-
-    return tuple(STAGES)
 
 
 _default: Metrics | None = None

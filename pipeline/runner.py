@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import stage_table
 from .config import BASE_MODEL_NAME, RunConfig
 from .identity import claim
 from .metrics import Metrics
@@ -22,34 +23,23 @@ from .models import conversion_pending, resolve_model
 from .progress import Progress
 from .report import read_markdown, refresh_report
 from .serving import VLLMServer
-from .stages import DATA_STAGES, StageContext, StageError, iteration_stages, run_stage
+from .stages import StageContext, StageError, iteration_stages, run_stage
 from .store import Store, open_store
 from .tinymodel import TINY_URI, ensure_tiny_model, tiny_model_cached
 
 log = logging.getLogger("selflengthen.runner")
 
 
-# Which served models a generating stage talks to. Self-instruct (and its judge) always uses the base model; the
-# other data stages use the models of the previous iteration (the base
-# model in iteration 1); evaluate and collect use the models trained in this iteration; evaluate-length-following
-# the length-following model, served as the Generator. Others need no server.
-STAGE_ROLES = {"self-instruct": ("base",), "respond": ("generator",), "extend": ("extender",),
-               "evaluate": ("generator",), "collect": ("generator", "extender"),
-               "evaluate-length-following": ("generator",)}
-CURRENT_MODEL_STAGES = ("evaluate", "collect", "evaluate-length-following")
-EVALUATE_STAGES = ("evaluate", "evaluate-length-following")
-
-
 def phase_of(stage: str) -> str:
-    if stage in DATA_STAGES or stage == "collect":
-        return "Generating"
-    return "Evaluating" if stage in EVALUATE_STAGES else "Training"
+    return stage_table.stage(stage).phase
 
 
 def roles_of(config: RunConfig, stage: str) -> tuple[str, ...]:
+    """The served models a stage asks (pipeline/stage_table.py); collect without its extension asks only the
+    Generator."""
     if stage == "collect" and not config.collect.extend:
         return ("generator",)
-    return STAGE_ROLES[stage]
+    return stage_table.stage(stage).roles
 
 
 @dataclass(frozen=True)
@@ -66,13 +56,13 @@ def server_spec(config: RunConfig, store: Store, stage: str, iteration: int, wor
     (vLLM --enable-lora); full fine-tuning: the trained weights of the stage's role, served under its name."""
     from .training import LENGTH_FOLLOWING, fetch_trained_model
 
-    models = config.models
-    if stage == "evaluate-length-following":  # the length-following model under the Generator's name
+    models, served = config.models, stage_table.stage(stage).models
+    if served == "length-following":  # the length-following model under the Generator's name
         trained = fetch_trained_model(config, store, iteration, LENGTH_FOLLOWING, workdir)
         if trained.mode == "lora":
             return ServerSpec(resolve_model(models.base), ("base",), ((models.generator, str(trained.path.resolve())),))
         return ServerSpec(str(trained.path.resolve()), (models.generator,))
-    model_iteration = iteration if stage in CURRENT_MODEL_STAGES else iteration - 1
+    model_iteration = iteration if served == "current" else iteration - 1
     if model_iteration == 0:
         return ServerSpec(resolve_model(models.base), (models.generator, models.extender, BASE_MODEL_NAME))
     if config.training.mode == "lora":
@@ -147,7 +137,7 @@ def run_local(
     claim(store, config, restart_from, workdir)
     bars = Progress(sys.stderr.isatty() if progress is None else progress, config.iterations)
     metrics = metrics or default_metrics()
-    status = RunStatus(metrics, config)
+    run_metrics = RunMetrics(metrics, config)
     results: dict[int, dict[str, dict]] = {}
     endpoints = endpoints or Endpoints(config, store, workdir)
     endpoints.progress = bars
@@ -167,7 +157,7 @@ def run_local(
                 ctx = StageContext(config=config, iteration=iteration, store=store, progress=bars, metrics=metrics)
                 stages = iteration_stages(config, iteration)
                 results[iteration] = {s: ctx.artifacts(s).manifest() for s in stages if ctx.artifacts(s).done()}
-                status.iteration(iteration, results[iteration])
+                run_metrics.iteration(iteration, results[iteration])
                 if len(results[iteration]) == len(stages):
                     if iteration == config.iterations:  # a finished run run again: its report, up to date
                         report_iteration(store, config, iteration)
@@ -175,25 +165,25 @@ def run_local(
                 for stage in stages:
                     if stage in results[iteration]:
                         continue
-                    if stage in STAGE_ROLES:
-                        status.phase("Serving", iteration, stage)
+                    if stage_table.stage(stage).served:
+                        run_metrics.phase("Serving", iteration, stage)
                         ctx.endpoint = endpoints.for_stage(stage, iteration)
                         ctx.endpoint_gone = endpoints.gone
                     else:
                         endpoints.stop()  # training needs the memory (the GPUs, on a cluster)
-                    status.phase(phase_of(stage), iteration, stage)
+                    run_metrics.phase(phase_of(stage), iteration, stage)
                     ran += 1
                     bars.begin(iteration, stage)
-                    results[iteration][stage] = status.attempt(stage, functools.partial(run_stage, stage, ctx))
+                    results[iteration][stage] = run_metrics.attempt(stage, functools.partial(run_stage, stage, ctx))
                     bars.end()
-                    status.iteration(iteration, results[iteration])
+                    run_metrics.iteration(iteration, results[iteration])
                 report_iteration(store, config, iteration)
             if not ran:
                 log.info("run %s is already complete (%d iterations, every stage done): nothing to do", config.name,
                          config.iterations)
-            status.phase("Succeeded", config.iterations, None)
+            run_metrics.phase("Succeeded", config.iterations, None)
         except BaseException:
-            status.phase("Failed", status.current, None)
+            run_metrics.phase("Failed", run_metrics.current, None)
             raise
         finally:
             bars.close()
@@ -201,7 +191,7 @@ def run_local(
     return results
 
 
-class RunStatus:
+class RunMetrics:
     """The run-level series of a local run: the same ones the operator sets for a cluster run."""
 
     NAMESPACE = "local"

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of the Generator and the Extender (README.md, "The pipeline"), on transformers + peft.
+"""Supervised fine-tuning of the Generator and the Extender (docs/method.md), on transformers + peft.
 
 One function, `train_role(ctx, role)`, trains one role of one iteration on that iteration's build-sft set:
 
@@ -141,20 +141,6 @@ def fetch_trained_model(
     mode = meta.get("mode", "lora")
     base = resolve_model(config.models.base) if mode == "lora" else str(path)
     return TrainedModel(path=path, mode=mode, base=base, uri=f"{store.uri}/{prefix}")
-
-
-def merge_lora(base: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
-    """Merge a LoRA adapter into its base model and save the result (with the base tokenizer) to out_dir."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    out_dir = Path(out_dir)
-    merged.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(out_dir)
-    return out_dir
 
 
 # -- data -------------------------------------------------------------------------------------------------------------
@@ -430,6 +416,16 @@ def epoch_losses(history: list[dict]) -> list[float]:
     for entry in history:
         by_epoch.setdefault(max(1, math.ceil(entry["epoch"] - 1e-6)), []).append(entry["loss"])
     return [round(sum(v) / len(v), 4) for _, v in sorted(by_epoch.items())]
+
+
+def train_stage(ctx, role: str) -> dict:
+    """A training stage's run(): `train_role`, its failures raised as the StageError orchestrators catch."""
+    from .stages import StageError
+
+    try:
+        return train_role(ctx, role)
+    except TrainingError as err:
+        raise StageError(str(err)) from err
 
 
 def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | None = None) -> dict:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from selflengthen.operator import monitoring
 from selflengthen.pipeline.config import parse_config
 from selflengthen.pipeline.metrics import Metrics
-from selflengthen.pipeline.runner import RunStatus, run_local
+from selflengthen.pipeline.runner import RunMetrics, run_local
 from selflengthen.pipeline.serving import free_port
 from selflengthen.pipeline.stages import StageContext, StageError, run_stage
 from selflengthen.pipeline.store import open_store
@@ -108,7 +108,7 @@ def test_dashboard_is_backed_by_real_series(prometheus, vllm_endpoint, tmp_path)
         # A failed attempt first (respond before its input exists), as the failures panel needs one.
         ctx = StageContext(config=config, iteration=1, store=open_store(config.storage.uri), metrics=metrics)
         with pytest.raises(StageError):
-            RunStatus(metrics, config).attempt("respond", lambda: run_stage("respond", ctx))
+            RunMetrics(metrics, config).attempt("respond", lambda: run_stage("respond", ctx))
         results = run_local(config, progress=False, metrics=metrics)[1]
         # The last thing a run sets is its phase: once Prometheus has it, it has scraped everything else.
         assert prom.wait_until(lambda: prom.query('selflengthen_run_phase{run="dash",phase="Succeeded"} == 1'),

@@ -18,28 +18,15 @@ from ..artifacts import StageArtifacts, check_run_name
 from ..config import RunConfig
 from ..metrics import Metrics
 from ..metrics import metrics as default_metrics
+from ..stage_table import DATA_STAGES, LENGTH_FOLLOWING_STAGES, RUN_STAGES, TABLE, TRAIN_STAGES
 from ..store import Store
 
-# Stage name (as on the command line and in the store) -> module. Order is the order of a macro-iteration.
-DATA_STAGES = ("self-instruct", "respond", "extend")
-STAGES: dict[str, str] = {
-    "self-instruct": "self_instruct",
-    "respond": "respond",
-    "extend": "extend",
-    "build-sft": "build_sft",
-    "train-generator": "train_generator",
-    "train-extender": "train_extender",
-    "evaluate": "evaluate",
-    # optional, after the last iteration (not stages of every iteration)
-    "collect": "collect",
-    "train-length-following": "train_length_following",
-    "evaluate-length-following": "evaluate_length_following",
-}
-# Stages of the whole run rather than of one iteration: their artifacts live under <run>/<stage>/.
-RUN_STAGES = ("collect", "train-length-following", "evaluate-length-following")
-TRAIN_STAGES = ("build-sft", "train-generator", "train-extender")
-# The method's last step: the final Generator trained to follow length demands on collect's data, then evaluated.
-LENGTH_FOLLOWING_STAGES = ("train-length-following", "evaluate-length-following")
+__all__ = ["DATA_STAGES", "LENGTH_FOLLOWING_STAGES", "RUN_STAGES", "STAGES", "TRAIN_STAGES", "RunArtifacts",
+           "StageContext", "StageError", "final_stages", "is_main_process", "iteration_stages", "run_stage",
+           "stage_module"]
+
+# Stage name -> module, in the order of a macro-iteration (the table itself: pipeline/stage_table.py).
+STAGES: dict[str, str] = {s.name: s.module for s in TABLE}
 
 
 def final_stages(config: RunConfig) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""SFT data of one iteration, made from the extend stage's outputs (README.md, "The pipeline": build-sft).
+"""SFT data of one iteration, made from the extend stage's outputs (docs/method.md: build-sft).
 
   generator set: the instruction -> the extended response;
   extender set:  the extend prompt over the initial response, each of its lines dropped with probability

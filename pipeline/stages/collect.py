@@ -1,4 +1,4 @@
-"""Collect, the method's optional last step (README.md, "The pipeline"): (instruction, long response) pairs from every
+"""Collect, the method's optional last step (docs/method.md): (instruction, long response) pairs from every
 iteration and from the final models, each instruction given a length demand that its response meets, exported as
 SFT data (the length-following stage trains on it).
 

@@ -1,6 +1,6 @@
 """Extension by micro-iterations: the Extender lengthens each initial response.
 
-One pass over the current text (a micro-iteration of the method; README.md, "The pipeline"):
+One pass over the current text (a micro-iteration of the method; docs/method.md):
   1. split it into paragraphs; the Extender enriches the first half (a chat request: extend prompt);
   2. keep the first extend.keepFraction of the enriched part's paragraphs;
   3. ask the Extender to extend the whole text, with the kept part forced as the start of its answer

@@ -1,13 +1,15 @@
-"""Stage train-generator: fine-tune the Generator of this iteration (see stages/train.py and training.py)."""
+"""Stage train-generator: fine-tune the Generator of this iteration on its build-sft set (the trainer:
+pipeline/training.py). Under torchrun or accelerate it trains on several GPUs: every rank runs the stage, rank 0
+alone writes to the store."""
 
 from __future__ import annotations
 
+from ..training import train_stage
 from . import StageContext
-from .train import REQUIRES, run_role
 
 NAME = "train-generator"
-__all__ = ["NAME", "REQUIRES", "run"]
+REQUIRES = ("build-sft",)
 
 
 def run(ctx: StageContext) -> dict:
-    return run_role(ctx, "generator")
+    return train_stage(ctx, "generator")

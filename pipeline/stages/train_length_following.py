@@ -1,4 +1,4 @@
-"""Stage train-length-following, the method's last step (README.md, "The pipeline"): after the last iteration,
+"""Stage train-length-following, the method's last step (docs/method.md): after the last iteration,
 the final Generator is fine-tuned on collect's (instruction with a true length demand, answer) pairs, mixed with
 the last iteration's Generator set so that answers to queries without a demand do not drift (training.py, role
 `length-following`). Its model lives under <run>/train-length-following/model; evaluate-length-following scores it.
@@ -7,9 +7,8 @@ Run once, with --iteration N (the last): `selflengthen stage train-length-follow
 
 from __future__ import annotations
 
-from ..training import LENGTH_FOLLOWING
+from ..training import LENGTH_FOLLOWING, train_stage
 from . import StageContext, StageError
-from .train import run_role
 
 NAME = "train-length-following"
 REQUIRES = ("collect", "build-sft")
@@ -25,4 +24,4 @@ def run(ctx: StageContext) -> dict:
     if not ctx.config.length_following.enabled:
         return {"enabled": False, "counts": {"requested": 0, "accepted": 0}}
     check_last_iteration(ctx, NAME)
-    return run_role(ctx, LENGTH_FOLLOWING)
+    return train_stage(ctx, LENGTH_FOLLOWING)
