@@ -136,10 +136,10 @@ def write_sft(ctx, rows: list[dict]) -> None:
 
 def encoded(ctx, tokenizer) -> tuple[list[dict], dict]:
     """The examples exactly as our stage reads them (same tokenization, mask and truncation)."""
-    from selflengthen.pipeline.artifacts import iteration_prefix
+    from selflengthen.pipeline.layout import sft_set_prefix
     from selflengthen.pipeline.training import load_examples
 
-    prefix = f"{iteration_prefix(ctx.config.name, ctx.iteration)}/build-sft/{ROLE}"
+    prefix = sft_set_prefix(ctx.config.name, ctx.iteration, ROLE)
     return load_examples(ctx.store, prefix, tokenizer, ctx.config.training.cutoff_tokens)
 
 
@@ -184,14 +184,15 @@ def clock():
 
 def run_ours(ctx, workdir: Path) -> dict:
     """Our train stage's training (train_role, what the train-generator stage runs); its timing, tokens, losses."""
+    from selflengthen.pipeline.layout import train_log_key
     from selflengthen.pipeline.store import read_jsonl
-    from selflengthen.pipeline.training import local_dir, stage_prefix, train_role
+    from selflengthen.pipeline.training import local_dir, train_role
 
     _peak_memory_reset()
     timer = clock()
     manifest = train_role(ctx, ROLE, callbacks=[timer], workdir=workdir)
     peak = _peak_memory()
-    history = list(read_jsonl(ctx.store, f"{stage_prefix(ctx.config.name, 1, ROLE)}/train-log.jsonl"))
+    history = list(read_jsonl(ctx.store, train_log_key(ctx.config.name, 1, ROLE)))
     return {"seconds": timer.wall, "cpuSeconds": timer.cpu, "stageTrainSeconds": manifest["trainSeconds"],
             "tokensSeen": manifest["tokensSeen"], "steps": manifest["steps"],
             "curve": [(e["tokensSeen"], e["loss"]) for e in history], "peakMemory": peak,

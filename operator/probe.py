@@ -11,8 +11,8 @@ import base64
 import logging
 from typing import Protocol
 
-from ..pipeline.artifacts import StageArtifacts
-from ..pipeline.stages import RUN_STAGES, RunArtifacts
+from ..pipeline.artifacts import StageArtifacts, artifacts_of
+from ..pipeline.layout import check_run_name
 from ..pipeline.store import Store, open_store
 from .kube import SECRETS, Kube
 from .resources import Run
@@ -31,8 +31,7 @@ class StoreProbe:
         self.store, self.run = store, run
 
     def artifacts(self, iteration: int, stage: str) -> StageArtifacts:
-        kind = RunArtifacts if stage in RUN_STAGES else StageArtifacts  # collect's artifacts are the run's
-        return kind(self.store, self.run, iteration, stage)
+        return artifacts_of(self.store, self.run, iteration, stage)  # collect's artifacts are the run's
 
     def done(self, iteration: int, stage: str) -> bool:
         return self.artifacts(iteration, stage).done()
@@ -44,7 +43,7 @@ class StoreProbe:
             return None
 
     def delete_run(self) -> int:
-        keys = self.store.list(self.run)
+        keys = self.store.list(check_run_name(self.run))
         for key in keys:
             self.store.delete(key)
         return len(keys)

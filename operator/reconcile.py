@@ -28,6 +28,7 @@ import copy
 import datetime as dt
 from dataclasses import dataclass, field
 
+from ..pipeline.layout import stage_prefix
 from ..pipeline.urls import redact
 from .resources import (
     LABEL_ATTEMPT,
@@ -51,7 +52,6 @@ from .resources import (
     training_job,
     training_service,
 )
-from ..pipeline.stages import RUN_STAGES
 from .spec import (
     COLLECT_STAGE,
     DATA_STAGES,
@@ -339,8 +339,8 @@ class _Reconciler:
         longest = (manifest.get("ruler") or {}).get("maxLength")
         if isinstance(longest, int):
             rec["maxOutputLength"] = longest
-        where = stage if stage in RUN_STAGES else f"iter-{k:02d}/{stage}"  # collect's (...) output is the run's
-        rec["artifactUri"] = manifest.get("modelUri") or f"{self.cfg.storage.uri}/{self.run.name}/{where}"
+        where = stage_prefix(self.run.name, k, stage)  # collect's (...) output is the run's
+        rec["artifactUri"] = manifest.get("modelUri") or f"{self.cfg.storage.uri}/{where}"
         if stage == "extend" and "averageWords" in rec:
             self.iteration_record(k)["averageWords"] = rec["averageWords"]
             self.status["averageWords"] = int(round(rec["averageWords"]))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 from ..pipeline.config import BASE_MODEL_NAME, RunConfig, dump_config
-from ..pipeline.training import LENGTH_FOLLOWING, model_prefix
+from ..pipeline.layout import LENGTH_FOLLOWING, model_prefix
 from .crd import API_VERSION, KIND
 from .spec import COLLECT_STAGE, DATA_STAGES, EVAL_STAGE, LF_EVAL_STAGE, LF_MODEL, LF_TRAIN_STAGE, ClusterSpec
 

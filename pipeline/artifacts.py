@@ -1,59 +1,44 @@
-"""Where a stage's artifacts live in the store, and the rules that make stages resumable.
-
-Layout under the store root (file://DIR or s3://BUCKET/PREFIX):
-
-    <run>/iter-01/<stage>/work/part-00000.jsonl   work shards: one per input shard, written whole when done
-    <run>/iter-01/<stage>/part-00000.jsonl        outputs, after stage-level filters
-    <run>/iter-01/<stage>/manifest.json           counts, rejection reasons, average words, timings
-    <run>/iter-01/<stage>/_SUCCESS                written last: the stage is done
+"""A stage's artifacts in the store (where they live: pipeline/layout.py), and the rules that make stages resumable:
+work shards written whole, outputs, the manifest, then `_SUCCESS` last.
 
 A stage that finds its _SUCCESS does nothing; one that finds some work shards redoes only the missing ones.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Iterator
 
-from .config import NAME_PATTERN
+from .layout import (
+    MANIFEST,
+    PART,
+    SUCCESS,
+    WORK,
+    check_run_name,
+    is_run_stage,
+    iteration_prefix,
+    iteration_stage_prefix,
+    part_name,
+    run_stage_prefix,
+)
 from .store import AlreadyExists, Store, dumps_jsonl, read_json, read_jsonl, write_json
 
-SUCCESS = "_SUCCESS"
-MANIFEST = "manifest.json"
-_PART = re.compile(r"part-(\d{5,})\.jsonl")
-_ITERATION = re.compile(r"iter-\d+")
-
-
-def check_run_name(run: str) -> str:
-    """A run's name is one path segment under the store root (a DNS label, as the configuration wants). Names of
-    the form iter-NN are refused: a run of that name in a store nested inside another run's tree (storage.uri
-    s3://B/P/other-run) would write into that run's iteration NN."""
-    if not isinstance(run, str) or not re.fullmatch(NAME_PATTERN, run) or len(run) > 63:
-        raise ValueError(f"run name {run!r}: a DNS label wanted (lowercase letters, digits and '-', at most 63): "
-                         f"it is the run's prefix in the store")
-    if _ITERATION.fullmatch(run):
-        raise ValueError(f"run name {run!r}: names of the form iter-NN are reserved for iteration prefixes")
-    return run
-
-
-def iteration_prefix(run: str, iteration: int) -> str:
-    check_run_name(run)
-    if iteration < 1:
-        raise ValueError(f"iteration {iteration}: 1 or more wanted")
-    return f"{run}/iter-{iteration:02d}"
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.jsonl"
+__all__ = ["MANIFEST", "SUCCESS", "RunArtifacts", "StageArtifacts", "artifacts_of", "check_run_name",
+           "iteration_prefix", "part_name"]
 
 
 class StageArtifacts:
+    """The artifacts of a stage of iteration `iteration`: <run>/iter-NN/<stage>/..."""
+
     def __init__(self, store: Store, run: str, iteration: int, stage: str):
         self.store = store
         self.stage = stage
         self.iteration = iteration
-        self.prefix = f"{iteration_prefix(run, iteration)}/{stage}"
+        self.prefix = self._prefix(run, iteration, stage)
+
+    @staticmethod
+    def _prefix(run: str, iteration: int, stage: str) -> str:
+        return iteration_stage_prefix(run, iteration, stage)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -80,11 +65,11 @@ class StageArtifacts:
     # -- work shards (the unit of resume) ---------------------------------------------------------------------------
 
     def work_key(self, index: int) -> str:
-        return self.key(f"work/{part_name(index)}")
+        return self.key(f"{WORK}/{part_name(index)}")
 
     def work_done(self) -> set[int]:
-        names = (k.rsplit("/", 1)[-1] for k in self.store.list(self.key("work")))
-        return {int(m.group(1)) for name in names if (m := _PART.fullmatch(name))}
+        names = (k.rsplit("/", 1)[-1] for k in self.store.list(self.key(WORK)))
+        return {int(m.group(1)) for name in names if (m := PART.fullmatch(name))}
 
     def write_work(self, index: int, rows: Iterable[dict]) -> bool:
         """Write a finished work shard once; False when another writer finished it first (its copy stands).
@@ -123,8 +108,23 @@ class StageArtifacts:
     def output_keys(self) -> list[str]:
         # Direct children only: build-sft/generator's parts are not build-sft's, nor are work shards.
         start = len(self.prefix) + 1
-        return [k for k in self.store.list(self.prefix) if _PART.fullmatch(k[start:])]
+        return [k for k in self.store.list(self.prefix) if PART.fullmatch(k[start:])]
 
     def read_outputs(self) -> Iterator[dict]:
         for key in self.output_keys():
             yield from read_jsonl(self.store, key)
+
+
+class RunArtifacts(StageArtifacts):
+    """The artifacts of a run-level stage (stage_table.RUN_STAGES): <run>/<stage>/..., the same files and rules as a
+    stage of an iteration; `iteration` is the one whose models made them."""
+
+    @staticmethod
+    def _prefix(run: str, iteration: int, stage: str) -> str:
+        return run_stage_prefix(run, stage)
+
+
+def artifacts_of(store: Store, run: str, iteration: int, stage: str) -> StageArtifacts:
+    """A stage's artifacts, wherever the layout puts them (under its iteration, or under the run)."""
+    kind = RunArtifacts if is_run_stage(stage) else StageArtifacts
+    return kind(store, run, iteration, stage)

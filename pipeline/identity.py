@@ -19,15 +19,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .artifacts import SUCCESS, iteration_prefix
 from .config import ConfigError, Model, RunConfig, dump_config, field_affects, read_config
+from .layout import CONFIG, SUCCESS, config_key, iteration_report_name, report_key, stage_prefix
 from .stages import RUN_STAGES, STAGES
 from .store import Store
 from .treestore import COMPLETE
 
 log = logging.getLogger("selflengthen.identity")
 
-CONFIG = "config.yaml"
 
 # What each stage reads: outputs of stages of the same iteration, and of the previous iteration (its trained
 # models, and self-instruct's pool of accepted instructions). A stage's results change when any of these do.
@@ -120,7 +119,7 @@ def dependents(iterations: int, stages: Iterable[str]) -> list[Node]:
 
 def node_prefix(run: str, node: Node) -> str:
     stage, k = node
-    return f"{run}/{stage}" if stage in RUN_STAGES else f"{iteration_prefix(run, k)}/{stage}"
+    return stage_prefix(run, k, stage)
 
 
 def has_data(store: Store, run: str, node: Node) -> bool:
@@ -164,7 +163,7 @@ class Plan:
 
 
 def stored_config(store: Store, run: str) -> RunConfig | None:
-    key = f"{run}/{CONFIG}"
+    key = config_key(run)
     if not store.exists(key):
         return None
     try:
@@ -230,10 +229,10 @@ def claim(store: Store, config: RunConfig, restart_from: Iterable[str] = (), wor
                           ignore_errors=True)
     for k in sorted({k for _, k in plan.delete}):
         for ext in ("json", "md"):
-            store.delete(f"{run}/report/iter-{k:02d}.{ext}")
+            store.delete(report_key(run, iteration_report_name(k, ext)))
     save_config(store, config)
     return plan
 
 
 def save_config(store: Store, config: RunConfig) -> None:
-    store.write(f"{config.name}/{CONFIG}", dump_config(config).encode())
+    store.write(config_key(config.name), dump_config(config).encode())

@@ -21,8 +21,9 @@ import io
 import logging
 import math
 
-from .artifacts import StageArtifacts, check_run_name
+from .artifacts import StageArtifacts
 from .config import RunConfig
+from .layout import iteration_report_name, report_key
 from .stages import RUN_STAGES, STAGES, RunArtifacts
 from .store import Store, write_json
 
@@ -44,10 +45,6 @@ SERIES = (
     ("heldoutAfter", "held-out prompts, after training", "C4-"),
     ("rulerMax", "LongWrite-Ruler, max output (LongWriter's count)", "C3-."),
 )
-
-
-def report_key(run: str, name: str) -> str:
-    return f"{check_run_name(run)}/report/{name}"
 
 
 def expected_stages(config: RunConfig) -> tuple[str, ...]:
@@ -531,10 +528,9 @@ def write_report(store: Store, config: RunConfig, iteration: int) -> dict:
     points = scatter_points(store, config, last)
     scatter = _png(scatter_figure, points) if points else None
     report["scatter"] = report_key(config.name, SCATTER) if scatter is not None else None
-    name = f"iter-{iteration:02d}"
     markdown = render_markdown(report)
-    write_json(store, report_key(config.name, f"{name}.json"), report)
-    store.write(report_key(config.name, f"{name}.md"), markdown.encode())
+    write_json(store, report_key(config.name, iteration_report_name(iteration, "json")), report)
+    store.write(report_key(config.name, iteration_report_name(iteration, "md")), markdown.encode())
     if png is not None:
         store.write(report_key(config.name, PLOT), png)
     if loss_png is not None:
@@ -542,7 +538,7 @@ def write_report(store: Store, config: RunConfig, iteration: int) -> dict:
     if scatter is not None:
         store.write(report_key(config.name, SCATTER), scatter)
     return {**report, "markdown": markdown,
-            "keys": [report_key(config.name, f"{name}.{ext}") for ext in ("json", "md")]
+            "keys": [report_key(config.name, iteration_report_name(iteration, ext)) for ext in ("json", "md")]
             + ([report["plot"]] if png is not None else []) + ([report["lossPlot"]] if loss_png is not None else [])
             + ([report["scatter"]] if scatter is not None else [])}
 
@@ -557,5 +553,5 @@ def refresh_report(store: Store, config: RunConfig, iteration: int) -> dict | No
 
 
 def read_markdown(store: Store, config: RunConfig, iteration: int) -> str | None:
-    key = report_key(config.name, f"iter-{iteration:02d}.md")
+    key = report_key(config.name, iteration_report_name(iteration, "md"))
     return store.read(key).decode() if store.exists(key) else None

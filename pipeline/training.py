@@ -19,12 +19,7 @@ The length-following stage (after the last iteration, stages/train_length_follow
 `length-following` the same way: the last iteration's Generator continued on collect's length-demand data mixed
 with that iteration's Generator set (lengthFollowing.generatorSetFraction of it), under <run>/train-length-following/.
 
-Store layout, for role R of iteration NN:
-
-    <run>/iter-NN/train-R/checkpoints/checkpoint-<step>/...  _COMPLETE   (newest training.keepCheckpoints)
-    <run>/iter-NN/train-R/model/...  _COMPLETE                            (adapter, or full model + tokenizer)
-    <run>/iter-NN/train-R/train-log.jsonl                                 (one line per logging step)
-    <run>/iter-NN/train-R/manifest.json  _SUCCESS                         (written by run_stage, last)
+Its store keys (the checkpoints, the model, train-log.jsonl) are pipeline/layout.py's.
 """
 
 from __future__ import annotations
@@ -39,37 +34,36 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import check_run_name, iteration_prefix
 from .config import RunConfig
+from .layout import (
+    CHECKPOINT,
+    LENGTH_FOLLOWING,
+    PART,
+    ROLES,
+    checkpoint_prefix,
+    checkpoints_prefix,
+    collect_prefix,
+    model_prefix,
+    sft_set_prefix,
+    train_log_key,
+)
+from .layout import training_stage as stage_name
 from .models import resolve_model
 from .store import Store, dumps_jsonl, read_jsonl
 from .treestore import delete_tree, download_tree, tree_complete, tree_manifest, upload_tree
 
 log = logging.getLogger("selflengthen.train")
-
-ROLES = ("generator", "extender")
-LENGTH_FOLLOWING = "length-following"  # the final Generator, trained to follow length demands: one per run
+# the names of the roles' models, for the modules that serve them (the runner) and the tests
+__all__ = ["LENGTH_FOLLOWING", "ROLES", "TrainingError", "fetch_trained_model", "model_prefix", "stored_checkpoints",
+           "train_role", "train_stage"]
 IGNORE_INDEX = -100
-_CHECKPOINT = re.compile(r"/checkpoints/checkpoint-(\d+)/_COMPLETE$")
 
 
 class TrainingError(RuntimeError):
     pass
 
 
-# -- names and places -----------------------------------------------------------------------------------------------
-
-
-def stage_name(role: str) -> str:
-    if role not in (*ROLES, LENGTH_FOLLOWING):
-        raise ValueError(f"role {role!r}: one of {', '.join((*ROLES, LENGTH_FOLLOWING))} wanted")
-    return f"train-{role}"
-
-
-def stage_prefix(run: str, iteration: int, role: str) -> str:
-    if role == LENGTH_FOLLOWING:  # a stage of the run, not of an iteration (stages.RUN_STAGES)
-        return f"{check_run_name(run)}/{stage_name(role)}"
-    return f"{iteration_prefix(run, iteration)}/{stage_name(role)}"
+# -- what a role reads and writes in the store (the keys: pipeline/layout.py) ---------------------------------------
 
 
 def init_prefix(run: str, iteration: int, role: str) -> str | None:
@@ -84,25 +78,15 @@ def data_sources(config: RunConfig, iteration: int, role: str) -> list[tuple[str
     """(store prefix of part-*.jsonl SFT rows, share of its rows kept) that a role trains on."""
     run = config.name
     if role == LENGTH_FOLLOWING:
-        return [(f"{check_run_name(run)}/collect", 1.0),
-                (f"{iteration_prefix(run, iteration)}/build-sft/generator",
-                 config.length_following.generator_set_fraction)]
-    return [(f"{iteration_prefix(run, iteration)}/build-sft/{role}", 1.0)]
-
-
-def model_prefix(run: str, iteration: int, role: str) -> str:
-    """Store prefix of the trained adapter (or full model) of a role in an iteration."""
-    return f"{stage_prefix(run, iteration, role)}/model"
-
-
-def checkpoint_prefix(run: str, iteration: int, role: str, step: int) -> str:
-    return f"{stage_prefix(run, iteration, role)}/checkpoints/checkpoint-{step}"
+        return [(collect_prefix(run), 1.0),
+                (sft_set_prefix(run, iteration, "generator"), config.length_following.generator_set_fraction)]
+    return [(sft_set_prefix(run, iteration, role), 1.0)]
 
 
 def stored_checkpoints(store: Store, run: str, iteration: int, role: str) -> list[int]:
     """Steps of the complete checkpoints in the store, ascending."""
-    keys = store.list(f"{stage_prefix(run, iteration, role)}/checkpoints")
-    return sorted(int(m.group(1)) for k in keys if (m := _CHECKPOINT.search("/" + k)))
+    keys = store.list(checkpoints_prefix(run, iteration, role))
+    return sorted(int(m.group(1)) for k in keys if (m := CHECKPOINT.search("/" + k)))
 
 
 def workdir_root() -> Path:
@@ -182,7 +166,7 @@ def load_examples(store: Store, prefix: str, tokenizer, cutoff: int,
     counts; keep(row) picks the rows used (default: all)."""
     import numpy as np
 
-    keys = [k for k in store.list(prefix) if re.fullmatch(r"part-\d+\.jsonl", k[len(prefix) + 1:])]
+    keys = [k for k in store.list(prefix) if PART.fullmatch(k[len(prefix) + 1:])]
     examples, rows, skipped, truncated = [], 0, 0, 0
     for key in keys:
         for row in read_jsonl(store, key):
@@ -443,7 +427,6 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
     store: Store = ctx.store
     run, iteration, t = config.name, ctx.iteration, config.training
     stage = stage_name(role)
-    prefix = stage_prefix(run, iteration, role)
     final_prefix = model_prefix(run, iteration, role)
     if tree_complete(store, final_prefix):
         log.info("%s of iteration %d: final model already in the store", stage, iteration)
@@ -540,11 +523,12 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
     total_params = sum(p.numel() for p in model.parameters())
 
     history: list[dict] = []
-    if resume_step is not None and store.exists(f"{prefix}/train-log.jsonl"):
-        history = [e for e in read_jsonl(store, f"{prefix}/train-log.jsonl") if e["step"] <= resume_step]
+    log_key = train_log_key(run, iteration, role)
+    if resume_step is not None and store.exists(log_key):
+        history = [e for e in read_jsonl(store, log_key) if e["step"] <= resume_step]
 
     def upload_log() -> None:
-        store.write(f"{prefix}/train-log.jsonl", dumps_jsonl(history))
+        store.write(log_key, dumps_jsonl(history))
 
     StepLog, StoreCheckpoints = _callbacks()
     tick = lambda done, total: ctx.tick(stage, done, total)  # noqa: E731

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..artifacts import StageArtifacts, check_run_name
+from ..artifacts import RunArtifacts, StageArtifacts, artifacts_of
 from ..config import RunConfig
 from ..metrics import Metrics
 from ..metrics import metrics as default_metrics
@@ -54,15 +54,6 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-class RunArtifacts(StageArtifacts):
-    """The artifacts of a run-level stage (RUN_STAGES): <run>/<stage>/..., the same files and rules as a stage of
-    an iteration; `iteration` is the one whose models made them."""
-
-    def __init__(self, store: Store, run: str, iteration: int, stage: str):
-        super().__init__(store, run, iteration, stage)
-        self.prefix = f"{check_run_name(run)}/{stage}"
-
-
 class StageError(RuntimeError):
     """A stage cannot run or complete; the message says why. Finished shards stay in the store."""
 
@@ -79,8 +70,7 @@ class StageContext:
     metrics: Metrics = field(default_factory=default_metrics, repr=False)
 
     def artifacts(self, stage: str, iteration: int | None = None) -> StageArtifacts:
-        kind = RunArtifacts if stage.split("/", 1)[0] in RUN_STAGES else StageArtifacts
-        return kind(self.store, self.config.name, iteration or self.iteration, stage)
+        return artifacts_of(self.store, self.config.name, iteration or self.iteration, stage)
 
     def seed(self, *parts: object) -> int:
         """A stable seed for (run seed, iteration, parts...): reruns draw the same numbers."""
