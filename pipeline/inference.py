@@ -15,17 +15,16 @@ the configuration is wrong and stops the stage.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import random
 import re
-import ssl
 import time
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpcore
-import httpx
+import aiohttp
 
 from .config import Client as ClientConfig
 from .config import Sampling
@@ -121,111 +120,49 @@ class Generation:
     completion_tokens: int
 
 
-# httpcore exceptions -> httpx ones, most specific first (what httpx's own transport raises).
-_HTTPCORE_ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.ProxyError, httpx.ProxyError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-)
+# Keep-alive connections idle longer than this are closed by the client first: uvicorn (vLLM's server) drops them
+# after 5 s, and a request sent on a connection the server is closing fails.
+KEEPALIVE_SECONDS = 4.0
 
 
-@contextlib.contextmanager
-def _httpx_errors() -> Iterator[None]:
-    try:
-        yield
-    except Exception as err:
-        for core, mapped in _HTTPCORE_ERRORS:
-            if isinstance(err, core):
-                raise mapped(str(err)) from err
-        raise
+def _transport_failure(err: BaseException) -> tuple[str, bool]:
+    """(label, could not connect) for a failed try. The labels are the failure's kind, named as before this client
+    moved from httpx to aiohttp (logs, the last error of ServerUnavailable and alerts read them)."""
+    if isinstance(err, aiohttp.ConnectionTimeoutError):
+        return "ConnectTimeout", True
+    if isinstance(err, aiohttp.ClientConnectorError):  # refused, DNS, TLS handshake: nothing answered
+        return "ConnectError", True
+    if isinstance(err, (aiohttp.ServerTimeoutError, TimeoutError)):
+        return "ReadTimeout", False
+    if isinstance(err, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+        return "RemoteProtocolError", False
+    if isinstance(err, aiohttp.ClientOSError):
+        return "ReadError", False
+    return type(err).__name__, False
 
 
-class _StackPool(httpx.AsyncBaseTransport):
-    """Keep-alive HTTP/1.1 connections kept on a stack: O(1) work per request.
-
-    httpx's default pool (httpcore.AsyncConnectionPool) rescans every pooled connection, with a quadratic idle
-    check and a socket poll for each, whenever a request is queued or released: at the concurrency that
-    saturates a GPU server (100+ connections) that cost ~6 ms of CPU per request (bench/saturation.py) and made
-    the client, not the server, the bottleneck. Here only the connection about to be reused is checked. The
-    connections are httpcore's own (h11 parsing, TLS, httpx's timeouts) and errors are httpx's, as before. The
-    number of connections is bounded by the client's semaphore (one per request in flight)."""
-
-    def __init__(self, max_idle: int, keepalive_expiry: float = 5.0):
-        self._idle: dict[tuple, list[httpcore.AsyncHTTPConnection]] = {}
-        self._max_idle = max_idle
-        self._keepalive_expiry = keepalive_expiry  # httpx's default: servers (uvicorn) drop idle ones after 5 s
-        self._ssl_context: ssl.SSLContext | None = None
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        idle = self._idle.setdefault((url.raw_scheme, url.raw_host, url.port), [])
-        connection = None
-        while idle:
-            candidate = idle.pop()
-            if candidate.is_idle() and not candidate.has_expired():
-                connection = candidate
-                break
-            await candidate.aclose()
-        if connection is None:
-            https = url.scheme == "https"
-            if https and self._ssl_context is None:
-                self._ssl_context = httpx.create_ssl_context()
-            origin = httpcore.Origin(url.raw_scheme, url.raw_host, url.port or (443 if https else 80))
-            connection = httpcore.AsyncHTTPConnection(
-                origin, ssl_context=self._ssl_context if https else None, keepalive_expiry=self._keepalive_expiry
-            )
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
-        reusable = False
-        try:
-            with _httpx_errors():
-                response = await connection.handle_async_request(core_request)
-                try:
-                    content = b"".join([chunk async for chunk in response.stream])
-                finally:
-                    await response.aclose()
-            reusable = connection.is_idle()
-        finally:
-            if reusable and len(idle) < self._max_idle:
-                idle.append(connection)
-            else:
-                await connection.aclose()
-        return httpx.Response(
-            response.status, headers=response.headers, stream=httpx.ByteStream(content),
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for connection in connections:
-                await connection.aclose()
-
-
-def _default_transport(endpoint: str, concurrency: int) -> httpx.AsyncBaseTransport | None:
-    """The stack pool, unless an environment proxy applies to the endpoint (then httpx's own transport, which
-    honours it; None)."""
-    url = httpx.URL(endpoint)
+def _env_proxy(endpoint: str) -> str | None:
+    """The proxy the environment (HTTP_PROXY, NO_PROXY, ...) names for the endpoint, as httpx honoured it; looked up
+    once here: aiohttp's trust_env looks it (and ~/.netrc) up in a worker thread for every request."""
+    scheme, host = urllib.parse.urlsplit(endpoint).scheme, urllib.parse.urlsplit(endpoint).hostname or ""
     proxies = urllib.request.getproxies()
-    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(url.host):
-        return None
-    return _StackPool(max_idle=concurrency)
+    proxy = proxies.get(scheme) or proxies.get("all")
+    return proxy if proxy and not urllib.request.proxy_bypass(host) else None
+
+
+def _encode(body: dict) -> bytes:
+    """JSON as httpx wrote it (compact, UTF-8 unescaped): the same bytes for the same request as before."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclass
+class _Reply:
+    status: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
 
 
 def _completion_tokens(data: dict) -> int:
@@ -243,7 +180,6 @@ class InferenceClient:
         *,
         api_key: str | None = None,
         seed: int = 0,
-        transport: httpx.AsyncBaseTransport | None = None,
         observe: Callable[[str, float], None] | None = None,
         alive: Callable[[], str | None] | None = None,
         budget: bool = False,
@@ -270,15 +206,14 @@ class InferenceClient:
         self._overheads: dict[str, int | None] = {}
         self._learn = asyncio.Lock()
         self._root = self.endpoint.removesuffix("/v1")  # vLLM serves /tokenize beside /v1, not under it
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        cfg = self.config
-        self._http = httpx.AsyncClient(
-            base_url=self.endpoint,
-            headers=headers,
-            timeout=httpx.Timeout(cfg.request_timeout_seconds, connect=min(10.0, cfg.request_timeout_seconds)),
-            limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
-            transport=transport if transport is not None else _default_transport(self.endpoint, cfg.concurrency),
-        )
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        # aiohttp, not httpx: httpx/httpcore spent several times vLLM's own (aiohttp) benchmark client's CPU per
+        # request (anyio checkpoints, a write per h11 event), and on a server that shares the client's cores that
+        # CPU is the server's (bench/vllm_client.py). Made on first use: a session belongs to its event loop.
+        self._session: aiohttp.ClientSession | None = None
+        self._proxy = _env_proxy(self.endpoint)
 
     async def __aenter__(self) -> InferenceClient:
         return self
@@ -287,7 +222,27 @@ class InferenceClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            timeout = self.config.request_timeout_seconds
+            self._session = aiohttp.ClientSession(
+                # no pool limit of its own: the semaphore bounds the requests (one connection each) in flight
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS),
+                # as httpx's Timeout(t, connect=min(10, t)): a connect bound, and t for the answer to arrive
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, timeout), sock_read=timeout),
+                headers=self._headers,
+            )
+        return self._session
+
+    async def _send(self, method: str, path: str, body: dict | None) -> _Reply:
+        url = path if path.startswith(("http://", "https://")) else self.endpoint + path
+        data = None if body is None else _encode(body)
+        async with self._http().request(method, url, data=data, proxy=self._proxy) as response:
+            return _Reply(response.status, await response.read())
 
     # -- the two generation calls the stages need -------------------------------------------------------------
 
@@ -472,10 +427,13 @@ class InferenceClient:
                     self.stats.requests += 1
                     sent = time.monotonic()
                     try:
-                        response = await self._http.request(method, path, json=body)
-                    except (httpx.TimeoutException, httpx.TransportError) as err:
-                        last_error = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-                        if not isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout)):
+                        response = await self._send(method, path, body)
+                    except aiohttp.InvalidURL:
+                        raise
+                    except (TimeoutError, aiohttp.ClientError) as err:
+                        label, unconnected = _transport_failure(err)
+                        last_error = f"{label}: {err}" if str(err) else label
+                        if not unconnected:
                             attempt += 1
                         gone = self._alive()
                         if gone:
@@ -483,28 +441,28 @@ class InferenceClient:
                             raise ServerGone(self.endpoint, gone, last_error) from err
                     else:
                         attempt += 1
-                        if response.status_code < 400:
+                        if response.status < 400:
                             self._down_since = None
                             observe("ok", time.monotonic() - sent)
                             try:
-                                return response.json()
+                                return json.loads(response.content)
                             except ValueError:
                                 what = (f"invalid JSON: {response.text[:300]}" if response.content.strip()
-                                        else f"an empty body (HTTP {response.status_code})")
+                                        else f"an empty body (HTTP {response.status})")
                                 raise InferenceError(
                                     f"inference server {self.endpoint} answered {path} with {what}"
                                 ) from None
-                        if response.status_code not in RETRYABLE_STATUS:
+                        if response.status not in RETRYABLE_STATUS:
                             self._down_since = None
                             observe("failed", 1)
-                            if response.status_code == 404 and isinstance(body, dict) and body.get("model"):
+                            if response.status == 404 and isinstance(body, dict) and body.get("model"):
                                 raise ModelNotFound(self.endpoint, 404, response.text, model=str(body["model"]))
-                            if response.status_code in ITEM_STATUS and not _SERVER_ERROR.search(response.text):
+                            if response.status in ITEM_STATUS and not _SERVER_ERROR.search(response.text):
                                 error = (ContextExceeded if _CONTEXT_ERROR.search(response.text) else ItemRejected)
                             else:
-                                error = ModelNotFound if response.status_code == 404 else RequestRejected
-                            raise error(self.endpoint, response.status_code, response.text)
-                        last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+                                error = ModelNotFound if response.status == 404 else RequestRejected
+                            raise error(self.endpoint, response.status, response.text)
+                        last_error = f"HTTP {response.status}: {response.text[:200]}"
                     self.stats.errors += 1
                     failures += 1
                     now = time.monotonic()

@@ -501,7 +501,7 @@ def test_the_command_map_sees_what_training_needs():
     train = needs(["torchrun", "--standalone", "-m", "selflengthen", "stage", "train-generator"])
     assert {"torch", "transformers", "peft", "accelerate", "selflengthen"} <= train
     respond = needs(["selflengthen", "stage", "respond", "--config", "x"])
-    assert "torch" not in respond and {"httpx", "boto3", "selflengthen"} <= respond
+    assert "torch" not in respond and {"aiohttp", "boto3", "selflengthen"} <= respond
     assert needs(["python", "-m", "selflengthen.operator.fetch"]) <= {"selflengthen", "boto3", "botocore",
                                                                        "pydantic", "pyyaml", "httpx", "tqdm",
                                                                        "prometheus-client"}

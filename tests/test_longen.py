@@ -163,35 +163,21 @@ def test_evaluate_stage_is_registered_and_can_be_disabled(tmp_path):
     assert module.run(ctx)["enabled"] is False
 
 
-def test_evaluate_stage_scores_the_generator_answers(tmp_path, monkeypatch):
-    """The stage over a fake OpenAI-compatible server that answers every query with 2000 words."""
-    import json as _json
+def test_evaluate_stage_scores_the_generator_answers(tmp_path):
+    """The stage over an OpenAI-compatible server on loopback that answers every query with 2000 words."""
+    from chat_server import ChatServer
 
-    import httpx
+    from selflengthen.pipeline.stages import run_stage
 
-    from selflengthen.pipeline.inference import InferenceClient
-    from selflengthen.pipeline.stages import evaluate, run_stage
-
-    asked = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        body = _json.loads(request.content)
-        asked.append(body)
-        text = " ".join(["word"] * 2000)
-        return httpx.Response(200, json={"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
-                                         "usage": {"completion_tokens": 2000}})
-
-    def fake_client(ctx, salt):
-        return InferenceClient("http://fake/v1", ctx.config.client, transport=httpx.MockTransport(answer))
-
-    monkeypatch.setattr(evaluate, "make_client", fake_client)
-    cfg = RunConfig.model_validate({"name": "ev", "evaluate": {"items": 24, "languages": ["en"],
-                                                               "longbenchWrite": {"enabled": False},
-                                                               "ruler": {"enabled": False}},
-                                    "storage": {"shardSize": 5}})
-    ctx = StageContext(config=cfg, iteration=1, store=LocalStore(tmp_path), endpoint="http://fake/v1")
-    ctx.artifacts("train-generator").finish({})
-    manifest = run_stage("evaluate", ctx)
+    with ChatServer(lambda body: " ".join(["word"] * 2000)) as server:
+        cfg = RunConfig.model_validate({"name": "ev", "evaluate": {"items": 24, "languages": ["en"],
+                                                                   "longbenchWrite": {"enabled": False},
+                                                                   "ruler": {"enabled": False}},
+                                        "storage": {"shardSize": 5}})
+        ctx = StageContext(config=cfg, iteration=1, store=LocalStore(tmp_path), endpoint=server.endpoint)
+        ctx.artifacts("train-generator").finish({})
+        manifest = run_stage("evaluate", ctx)
+        asked = [r["body"] for r in server.chats()]
 
     assert len(asked) == 24 and {b["model"] for b in asked} == {"generator"}
     rows = list(ctx.artifacts("evaluate").read_outputs())
