@@ -2,9 +2,10 @@
 
 The data: `examples` single-turn conversations, built deterministically (seeded): instructions from the packaged
 seed set, answers of prose whose length in words is drawn from a log-normal (median `median_words`, sigma
-`sigma`: long-tailed, like real SFT sets, where a few long answers dominate the tokens), truncated to `cutoff`
-tokens. The model: a small Qwen2 built from a config (random init, seeded; the tiny local model's tokenizer and
-chat template; nothing downloaded), CPU, float32, LoRA r8 on all linear layers.
+`sigma`: long-tailed, like real SFT sets, where a few long answers dominate the tokens); those over `cutoff`
+tokens are left out, as the train stage does (it never cuts an answer). The model: a small Qwen2 built from a
+config (random init, seeded; the tiny local model's tokenizer and chat template; nothing downloaded), CPU,
+float32, LoRA r8 on all linear layers.
 
   * ours: the train stage's training, train_role() (what the train-generator stage runs) on a local store holding
     the set as build-sft output: its tokenization (loss on the answer only), LoRA setup, collator, length-grouped
@@ -328,7 +329,8 @@ def compare(size: dict, root: Path) -> dict:
         pair["ratio"] = pair["ours"]["tokensPerSecond"] / pair["baseline"]["tokensPerSecond"]
         pairs.append(pair)
     lengths = sorted(len(e["input_ids"]) for e in examples)
-    data = {"examples": len(examples), "tokens": counts["tokens"], "truncated": counts["truncated"],
+    data = {"examples": len(examples), "tokens": counts["tokens"], "promptCut": counts["promptCut"],
+            "droppedOverLength": counts["droppedOverLength"],
             "lengthP50": lengths[len(lengths) // 2], "lengthP90": lengths[int(len(lengths) * 0.9)],
             "lengthMax": lengths[-1], "lengthMean": round(sum(lengths) / len(lengths), 1)}
     return {"pairs": pairs, "data": data, "size": dict(size), "clock": "cpu" if cpu_clock else "wall",

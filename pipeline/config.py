@@ -312,7 +312,8 @@ class Training(Model):
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: epochs decide)")
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the steps with a linear warmup")
-    cutoff_tokens: int = Field(16384, ge=16, description="Examples are truncated to this many tokens")
+    cutoff_tokens: int = Field(16384, ge=16, description="Longest training example in tokens: over it the prompt is "
+                               "cut from its end, or the example is left out; an answer is never cut")
     batch_size: int = Field(1, ge=1, le=1024, description="Examples per device per forward pass")
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
     weight_decay: float = Field(0.0, ge=0)

@@ -173,6 +173,9 @@ def build_report(store: Store, config: RunConfig, iteration: int, *, history_to:
                 "mode": m.get("mode"), "steps": m.get("steps"), "examples": (m.get("counts") or {}).get("accepted"),
                 "firstLoss": m.get("firstLoss"), "finalLoss": m.get("finalLoss"), "trainSeconds": m.get("trainSeconds"),
                 "epochLosses": m.get("epochLosses"),
+                # examples over training.cutoffTokens: the prompt cut, or left out (an answer is never cut)
+                "promptCut": (m.get("counts") or {}).get("promptCut"),
+                "droppedOverLength": (m.get("counts") or {}).get("droppedOverLength"),
             }
     evaluate = manifests.get("evaluate")
     longen = None
@@ -269,6 +272,10 @@ def render_markdown(report: dict) -> str:
             loss = f"{_fmt(epochs[0], 3)} -> {_fmt(epochs[-1], 3)}" if epochs else "-"
             lines.append(f"| {role} | {_fmt(t['mode'])} | {_fmt(t['steps'])} | {_fmt(t['examples'])} "
                          f"| {len(epochs) or '-'} | {loss} | {_fmt(t['trainSeconds'])} |")
+        over = [f"{role} {t.get('promptCut') or 0} with the prompt cut, {t.get('droppedOverLength') or 0} left out"
+                for role, t in report["training"].items() if t.get("promptCut") or t.get("droppedOverLength")]
+        if over:
+            lines += ["", "Examples over `training.cutoffTokens` (no answer is ever cut): " + "; ".join(over) + "."]
     lg = report["longen"]
     if lg:
         by_type = ", ".join(f"{t} {_fmt(v, 3)}" for t, v in lg["byType"].items()) or "-"

@@ -36,7 +36,7 @@ def manifests(k: int) -> dict[str, dict]:
         # firstLoss/finalLoss: single logged steps (batch 1: noisy); epochLosses: the mean of each epoch
         "train-generator": {"mode": "lora", "steps": 8, "firstLoss": 3.25, "finalLoss": 2.0 / k,
                             "epochLosses": [4.0, 2.0 / k], "trainSeconds": 11.5,
-                            "counts": {"requested": 15, "accepted": 14}},
+                            "counts": {"requested": 15, "accepted": 14, "promptCut": 2, "droppedOverLength": 1}},
         "train-extender": {"mode": "lora", "steps": 8, "firstLoss": 3.5, "finalLoss": 2.5 / k,
                            "epochLosses": [4.5, 3.0, 2.5 / k], "trainSeconds": 12.5,
                            "counts": {"requested": 15, "accepted": 15}},
@@ -98,7 +98,8 @@ def test_report_numbers_are_the_manifests(store):
                               "longenAverage": 111.0, "longenScore": 0.25, "heldoutBefore": 60.0,
                               "heldoutAfter": 72.5}
     assert doc["training"]["generator"] == {"mode": "lora", "steps": 8, "examples": 14, "firstLoss": 3.25,
-                                            "finalLoss": 1.0, "trainSeconds": 11.5, "epochLosses": [4.0, 1.0]}
+                                            "finalLoss": 1.0, "trainSeconds": 11.5, "epochLosses": [4.0, 1.0],
+                                            "promptCut": 2, "droppedOverLength": 1}
     assert doc["training"]["extender"]["finalLoss"] == 1.25
     assert doc["longen"]["overall"] == 0.25 and doc["longen"]["items"] == 24
     assert doc["longen"]["byType"] == made["evaluate"]["scores"]["byType"]
@@ -115,6 +116,7 @@ def test_report_numbers_are_the_manifests(store):
     assert "| model | mode | steps | examples | epochs | mean loss, first epoch -> last epoch | seconds |" in md
     assert "| generator | lora | 8 | 14 | 2 | 4.000 -> 1.000 | 11.5 |" in md
     assert "| extender | lora | 8 | 15 | 3 | 4.500 -> 1.250 | 12.5 |" in md
+    assert "over `training.cutoffTokens` (no answer is ever cut): generator 2 with the prompt cut, 1 left out." in md
     assert "score **0.250** on 24 items" in md and "mean **6.50** / 10 on 23 answers (1 without" in md
     assert "| 1 | 40.5 | 70 | 66.2 | 150 | x1.62 | 30.0 | 42.5 | 55.5 | 0.125 |" in md
     assert "| 2 | 80.5 | 140 | 132.5 | 300 | x1.62 | 60.0 | 72.5 | 111.0 | 0.250 |" in md

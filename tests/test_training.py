@@ -18,13 +18,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  #
 from selflengthen.pipeline.config import RunConfig  # noqa: E402
 from selflengthen.pipeline.stages import StageContext, StageError, run_stage  # noqa: E402
 from selflengthen.pipeline.stages.build_sft import sft_artifacts  # noqa: E402
-from selflengthen.pipeline.store import LocalStore, read_jsonl  # noqa: E402
+from selflengthen.pipeline.store import LocalStore, dumps_jsonl, read_jsonl  # noqa: E402
 from selflengthen.pipeline.training import (  # noqa: E402
     IGNORE_INDEX,
     PadCollator,
     TrainingError,
     encode_conversation,
     fetch_trained_model,
+    fit_cutoff,
+    load_examples,
     model_prefix,
     stored_checkpoints,
     train_role,
@@ -113,8 +115,44 @@ def test_loss_mask_covers_only_the_assistant_turns(tokenizer):
     masked = tokenizer.decode([t for t, label in zip(ex["input_ids"], ex["labels"]) if label == IGNORE_INDEX])
     assert "Write a poem." in masked and "Another." in masked and "Violets" not in masked
 
-    assert len(encode_conversation(tokenizer, messages, cutoff=len(prompt) + 2)["input_ids"]) == len(prompt) + 2
-    assert encode_conversation(tokenizer, messages, cutoff=len(prompt)) is None  # no label survives
+    # over the cutoff the answer stays whole: the prompt gives way, or the example is left out
+    assert encode_conversation(tokenizer, messages, cutoff=len(prompt) + 2) is None
+
+
+def test_over_the_cutoff_the_prompt_is_cut_and_the_answer_never(tokenizer):
+    answer = "Roses are red, violets are blue, the garden grows in morning dew.\n\nThe end."
+    messages = [{"role": "user", "content": "Extend this answer please: " + "the river runs to the sea. " * 30},
+                {"role": "assistant", "content": answer}]
+    whole = encode_conversation(tokenizer, messages)
+    learned = [t for t in whole["labels"] if t != IGNORE_INDEX]
+    cutoff = len(whole["input_ids"]) - 40
+    ex, outcome = fit_cutoff(whole, cutoff)
+    assert outcome == "prompt-cut" and len(ex["input_ids"]) == cutoff
+    assert [t for t in ex["labels"] if t != IGNORE_INDEX] == learned  # every answer token, end-of-turn included
+    assert tokenizer.decode(learned).endswith("The end.<|im_end|>\n")
+    text = tokenizer.decode(ex["input_ids"])
+    assert text.startswith(tokenizer.decode(whole["input_ids"][:whole["prompt_span"][0]]))  # the template intact
+    assert "<|im_start|>assistant\n" + answer in text
+    assert fit_cutoff(whole, len(whole["input_ids"])) == (whole, "fits")
+    assert fit_cutoff(whole, len(learned) + 4) == (None, "dropped")  # the answer alone nearly fills it
+
+
+def test_load_examples_counts_what_the_cutoff_did(tokenizer, tmp_path):
+    store = LocalStore(tmp_path)
+    short = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello there."}]
+    long_prompt = [{"role": "user", "content": "Extend: " + "word " * 200}, {"role": "assistant", "content": "Ok."}]
+    long_answer = [{"role": "user", "content": "Write."}, {"role": "assistant", "content": "word " * 200}]
+    store.write("x/part-00000.jsonl", dumps_jsonl([{"messages": m} for m in (short, long_prompt, long_answer)]))
+    examples, counts = load_examples(store, "x", tokenizer, 96)
+    assert (counts["rows"], counts["examples"], counts["promptCut"], counts["droppedOverLength"]) == (3, 2, 1, 1)
+    assert all(len(e["input_ids"]) <= 96 for e in examples)
+    # every kept example learns its whole answer, up to and including the end-of-turn token
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for ex, messages in zip(examples, (short, long_prompt)):
+        learned = [int(t) for t in ex["labels"] if t != IGNORE_INDEX]
+        assert learned == [t for t in encode_conversation(tokenizer, messages)["labels"] if t != IGNORE_INDEX]
+        assert tokenizer.decode(learned) == messages[-1]["content"] + "<|im_end|>\n"
+        assert end_of_turn in learned[-2:] and ex["input_ids"][len(ex["input_ids"]) - len(learned):].tolist() == learned
 
 
 def test_pad_collator():
