@@ -303,7 +303,10 @@ class Training(Model):
 
     affects = TRAINING
     # Checkpoint cadence, retention and collective timeout change how training resumes, not the weights.
-    affects_fields = {"save_steps": NEUTRAL, "keep_checkpoints": NEUTRAL, "ddp_timeout_seconds": NEUTRAL}
+    # Gradient checkpointing recomputes the same activations (non-reentrant: the RNG state is replayed): memory
+    # and time, not the weights.
+    affects_fields = {"save_steps": NEUTRAL, "keep_checkpoints": NEUTRAL, "ddp_timeout_seconds": NEUTRAL,
+                      "gradient_checkpointing": NEUTRAL}
 
     mode: Literal["lora", "full"] = Field("lora", description="LoRA adapters, or full fine-tuning")
     lora: Lora = Field(default_factory=Lora)
@@ -319,7 +322,10 @@ class Training(Model):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding)")
-    gradient_checkpointing: bool = Field(True, description="On CUDA: trade compute for memory")
+    gradient_checkpointing: Literal["auto", "true", "false"] = Field(
+        "auto", description="Recompute activations in the backward (a third more compute, far less memory): auto "
+                            "turns it on on a GPU only when the step's estimated memory would not fit without it "
+                            "(pipeline/train_memory.py); true and false force it (true also on the CPU)")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on CUDA, float32 on CPU; bf16 also on a CPU with bfloat16 instructions"
     )
@@ -327,7 +333,14 @@ class Training(Model):
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Checkpoints kept locally and in the store")
     logging_steps: int = Field(1, ge=1)
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON config (needs deepspeed installed)")
+
     ddp_timeout_seconds: int = Field(7200, ge=60, description="Collective timeout (checkpoint uploads run inside)")
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, value):
+        """A YAML true/false (the field was a boolean) is the string setting of the same name."""
+        return ("true" if value else "false") if isinstance(value, bool) else value
 
 
 class Judge(Model):

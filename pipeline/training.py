@@ -5,8 +5,9 @@ One function, `train_role(ctx, role)`, trains one role of one iteration on that 
   * LoRA on all linear layers (training.lora) or full fine-tuning (training.mode);
   * each conversation is rendered with the tokenizer's own chat template; the loss is taken on the assistant
     turns only (labels -100 elsewhere), see `encode_conversation`;
-  * bf16 (+ gradient checkpointing) on CUDA, float32 on CPU (bf16 when asked and the CPU has it); length-grouped
-    batches;
+  * bf16 on CUDA, float32 on CPU (bf16 when asked and the CPU has it); gradient checkpointing only when the step
+    would not fit the device without it (training.gradientCheckpointing auto, pipeline/train_memory.py);
+    length-grouped batches;
   * iteration k > 1 starts from the iteration k-1 adapter (or full weights) of the same role, read from the store;
   * distributed when launched under torchrun / accelerate: the HF Trainer does the data parallelism, rank 0 alone
     writes to the store, ranks meet at torch collectives (never at files);
@@ -399,6 +400,20 @@ def _load_model(config: RunConfig, base: str, previous: Path | None, precision: 
     return model
 
 
+def _checkpointing(t, model, examples: list[dict], precision: str, cuda: bool, world_size: int):
+    """training.gradientCheckpointing decided for this model and data: under auto, on only when the longest batch
+    (batchSize of the longest examples, padded to a multiple of 8 on CUDA) would not fit this device without it."""
+    import torch
+
+    from . import train_memory
+
+    longest = max(len(e["input_ids"]) for e in examples)
+    tokens = t.batch_size * (-(-longest // 8) * 8 if cuda else longest)
+    device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if cuda else None
+    return train_memory.decide(t.gradient_checkpointing, train_memory.ModelShape.of(model), tokens, t.mode,
+                               precision, device_bytes, train_memory.zero_stage(t.deepspeed), world_size)
+
+
 @functools.cache
 def _destroy_process_group_at_exit() -> None:
     """Destroy the process group while the interpreter is still whole: left to interpreter finalization, gloo's
@@ -495,7 +510,7 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
         save_steps=t.save_steps,
         save_total_limit=t.keep_checkpoints,
         bf16=precision == "bf16",
-        gradient_checkpointing=cuda and t.gradient_checkpointing,
+        gradient_checkpointing=False,  # decided below, once the model and the data are known
         gradient_checkpointing_kwargs={"use_reentrant": False},
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
@@ -553,6 +568,8 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
     model = _load_model(config, base, previous, precision)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
+    checkpointing = _checkpointing(t, model, examples, precision, cuda, args.world_size)
+    args.gradient_checkpointing = checkpointing.enabled
 
     history: list[dict] = []
     log_key = train_log_key(run, iteration, role)
@@ -578,8 +595,9 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
 
     trainer.remove_callback(PrinterCallback)  # StepLog logs each step (print() would bypass logging)
     resume_from = str(ckpt_dir / f"checkpoint-{resume_step}") if resume_step is not None else None
-    log.info("%s of iteration %d: %d examples (%d tokens), mode %s, %s, %d trainable of %d parameters%s",
-             stage, iteration, len(examples), data_counts["tokens"], t.mode, precision, trainable, total_params,
+    log.info("%s of iteration %d: %d examples (%d tokens), mode %s, %s, %d trainable of %d parameters, gradient "
+             "checkpointing %s (%s)%s", stage, iteration, len(examples), data_counts["tokens"], t.mode, precision,
+             trainable, total_params, "on" if checkpointing.enabled else "off", checkpointing.reason,
              f", resuming at step {resume_step}" if resume_step is not None else "")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -612,6 +630,7 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
         "trainSeconds": round(seconds, 3),
         "worldSize": args.world_size,
         "device": "cuda" if cuda else "cpu",
+        "gradientCheckpointing": checkpointing.summary(),
         "lora": _lora_summary(model),
     }
     dist.wait_for_everyone()

@@ -224,6 +224,8 @@ def test_lora_training_learns_and_stores_the_adapter(lora_run, tiny_model):
     assert manifest["mode"] == "lora" and manifest["steps"] == 12 and manifest["resumedFromStep"] is None
     assert 0 < manifest["trainableParams"] < manifest["totalParams"]
     assert manifest["counts"]["examples"] == 4
+    assert manifest["gradientCheckpointing"] == {"enabled": False, "reason": "auto on the CPU: off",
+                                                 "estimateGiB": None, "checkpointedGiB": None, "budgetGiB": None}
 
     history = list(read_jsonl(store, "t/iter-01/train-generator/train-log.jsonl"))
     assert [e["step"] for e in history] == list(range(1, 13))
@@ -333,6 +335,37 @@ def test_interrupted_training_resumes_from_the_stored_checkpoint(tmp_path, tiny_
     b = load_file(tmp_path / "straight/store/t/iter-01/train-extender/model/adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+class CheckpointingSeen(TrainerCallback):
+    """What the Trainer was given and what the model does: gradient checkpointing on or off at the first step."""
+
+    def __init__(self):
+        self.seen = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.seen is None:
+            self.seen = (args.gradient_checkpointing, model.is_gradient_checkpointing)
+
+
+def test_the_trainer_gets_the_chosen_checkpointing_and_the_weights_do_not_depend_on_it(tmp_path, tiny_model,
+                                                                                        monkeypatch):
+    adapters, seen = {}, {}
+    for setting in ("true", "false"):
+        monkeypatch.setenv("SELFLENGTHEN_WORKDIR", str(tmp_path / setting / "work"))
+        ctx = make_ctx(tmp_path / setting, training={"gradientCheckpointing": setting, "maxSteps": 3})
+        add_sft_data(ctx, conversations(3))
+        callback = CheckpointingSeen()
+        manifest = train_role(ctx, "generator", callbacks=[callback])
+        seen[setting] = (*callback.seen, manifest["gradientCheckpointing"]["enabled"])
+        fetched = fetch_trained_model(ctx.config, ctx.store, 1, "generator", workdir=tmp_path / setting / "serve")
+        adapters[setting] = load_file(fetched.path / "adapter_model.safetensors")
+    # true: on (also on the CPU), false: off (auto on the CPU: off, test_lora_training_learns_and_stores_the_adapter).
+    # The model really recomputes when it is on.
+    assert seen == {"true": (True, True, True), "false": (False, False, False)}
+    # recomputing the same activations changes nothing the run keeps (why the field affects no stage)
+    for key, value in adapters["false"].items():
+        torch.testing.assert_close(adapters["true"][key], value, rtol=1e-5, atol=1e-6)
 
 
 # -- full fine-tuning ------------------------------------------------------------------------------------------------
