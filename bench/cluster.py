@@ -19,8 +19,9 @@ time cost microseconds here, so the paper's full size (Qwen2-7B, 5,000 instructi
 - a trainer whose time is tokens / (GPUs x tokens/s per GPU x data-parallel efficiency), 4N FLOPs per token for
   LoRA, 6N with gradient checkpointing, Generator and Extender one after another or at the same time.
 
-Not modelled: the real operator against the test API (issue 20 asks for it; `bench/operator_load.py` measures
-the operator separately), network latency, preemption/recompute, prefix caching, stragglers from slow nodes.
+Not here: the real operator (bench/cluster_operator.py runs its reconcile on this model's cluster;
+`bench/operator_load.py` measures the operator's latency), network latency, preemption/recompute, prefix
+caching, stragglers from slow nodes.
 The numbers that set the scale (`Cluster`) are assumptions taken from the issue and public H100 figures; they are
 in the row's details.
 """

@@ -6,8 +6,9 @@ Benchmarks, in order: saturation (simulated vLLM: ours vs the reference driver v
 client vs vLLM's benchmark client on a real vLLM CPU server), scale (filters on 1M items, stage memory 10k-200k),
 long-text (extend near the context limit; self-instruct tokens per accepted instruction), training, operator,
 hostile (the time to refuse hostile input of up to 1 MiB), and cluster (one macro-iteration on a simulated 8-GPU
-cluster in virtual time: GPU-hours of each schedule against the zero-gap bound). Each row: benchmark, ours,
-baseline, ratio, goal, met?. Results:
+cluster in virtual time: GPU-hours of each schedule against the zero-gap bound), cluster-operator (the same with
+the real operator's reconcile driving the simulated cluster, three macro-iterations of the 8xH100 example).
+Each row: benchmark, ours, baseline, ratio, goal, met?. Results:
 <out>/<date>-<host>.json (rows with their details and the machine) and, for full runs, <out>/latest.md.
 --quick runs tiny sizes (the smoke tests); its vllm row then runs against the simulated server unless
 --vllm-endpoint is given. Exit status 1 if a benchmark failed to run (not for a missed goal).
@@ -33,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import Row, machine, table  # noqa: E402
 
-NAMES = ("saturation", "vllm", "scale", "long-text", "training", "operator", "hostile", "cluster")
+NAMES = ("saturation", "vllm", "scale", "long-text", "training", "operator", "hostile", "cluster", "cluster-operator")
 
 
 def runner(name: str, args: argparse.Namespace):
@@ -69,6 +70,10 @@ def runner(name: str, args: argparse.Namespace):
         from bench import cluster
 
         return lambda: cluster.run(quick=args.quick)
+    if name == "cluster-operator":
+        from bench import cluster_operator
+
+        return lambda: cluster_operator.run(quick=args.quick)
     raise ValueError(name)
 
 

@@ -374,6 +374,17 @@ class _Reconciler:
         self.status["failureMessage"] = _truncate(message)
         self.event("Warning", "RunFailed", message)
         self.cleanup_serving()
+        self.stop_jobs()
+
+    def stop_jobs(self) -> None:
+        """A step that ran beside the failed one (the other training Job, the next iteration's data stage) would
+        hold its GPUs or ask a server that is gone: stopped too (its finished shards and checkpoints stay in the
+        store, so a run resumed after a spec change continues them); failed Jobs stay for their logs."""
+        for name, job in self.obs.jobs.items():
+            if not job_complete(job) and not job_failed(job) and not job.get("metadata", {}).get("deletionTimestamp"):
+                self.act("delete", "Job", name)
+                if _label(self.obs.services.get(name) or {}, LABEL_COMPONENT) == "training":
+                    self.act("delete", "Service", name)
 
     def backoff_pending(self, rec: dict) -> bool:
         due = parse_ts(rec.get("nextAttemptAt"))
@@ -650,6 +661,7 @@ class _Reconciler:
         reason = (st.get("lastFailure") or {}).get("reason")
         if st.get("phase") == "Failed" and (reason not in ("InvalidSpec", CHILD_REJECTED) or rejection):
             self.cleanup_serving()
+            self.stop_jobs()
             return self.finish()
         if st.get("phase") == "Failed":  # an invalid spec was fixed, or a spec a child was refused for changed
             st.pop("failureMessage", None)
@@ -690,7 +702,8 @@ class _Reconciler:
             st["phase"] = "Evaluating" if stage in (EVAL_STAGE, LF_EVAL_STAGE) else "Generating"
             for kk, ss in window:
                 # the same server: the record of the step's own iteration adopts it (no create, it is ready)
-                if (kk, ss) != (k, stage) and not self.ensure_serving(kk, served_for(kk, ss), serving_key(ss)):
+                if st.get("phase") == "Failed" or (
+                        (kk, ss) != (k, stage) and not self.ensure_serving(kk, served_for(kk, ss), serving_key(ss))):
                     break
                 self.run_stage(kk, ss, st["endpoint"])
         elif stage == TRAIN_STAGES[0]:
@@ -706,6 +719,8 @@ class _Reconciler:
             st.pop("endpoint", None)
             st["phase"] = "Training"
             for kk, ss in window:  # with training.concurrent: both roles' Jobs at once
+                if st.get("phase") == "Failed":
+                    break
                 self.run_stage(kk, ss, None)
         return self.finish()
 

@@ -97,6 +97,36 @@ def test_quick_run_prints_and_writes_every_table_row(tmp_path):
     assert ref["killedRequests"] > 0 and ref["generatedTokens"] < schedules[1]["generatedTokens"]  # the 95 % kill
 
 
+    operator_rows = measured(rows, "cluster, real operator:")  # bound and reference ratios, example and best
+    assert len(operator_rows) == 4
+    for v in operator_rows[0]["details"]["variants"]:
+        assert v["phase"] == "Succeeded" and v["seconds"] >= v["boundSeconds"] > 0 and v["childrenAdmitted"] > 0
+
+
+def test_real_operator_drives_the_simulated_cluster_on_a_tiny_setting():
+    """The operator's reconcile in the loop of the cluster model: deterministic; its schedule as the operator
+    makes it (evaluation k beside k+1's self-instruct on one server, build-sft as vLLM goes down, both training
+    Jobs at once with training.concurrent); the cache claim makes the serving start shorter."""
+    import dataclasses
+
+    from bench.cluster import Cluster, Workload
+    from bench.cluster_operator import example_spec, simulate
+
+    c = Cluster()
+    w = dataclasses.replace(Workload(), instructions=12, eval_requests=4, train_tokens=2e6)
+    a, b = (simulate(example_spec(), c, w, "connections", seed=1) for _ in range(2))
+    assert a == b and a["phase"] == "Succeeded" and a["seconds"] >= a["boundSeconds"] > 0
+    steps = a["steps"]
+    assert steps["bench-i02-evaluate-a1"]["start"] == steps["bench-i03-self-instruct-a1"]["start"]
+    assert steps["bench-i03-build-sft-a1"]["start"] == steps["bench-m02-vllm-a1"]["scale-down"]
+    assert steps["bench-i03-train-generator-a1"]["start"] < steps["bench-i03-train-extender-a1"]["start"]
+    cold = simulate(example_spec(**{"inference.modelCacheClaim": None}), c, w, "connections", seed=1)
+    assert cold["steps"]["bench-m02-vllm-a1"]["ready"] > steps["bench-m02-vllm-a1"]["ready"]
+    both = simulate(example_spec(**{"training.concurrent": True, "training.processesPerNode": 4}), c, w,
+                    "connections", seed=1)["steps"]
+    assert both["bench-i03-train-generator-a1"]["start"] == both["bench-i03-train-extender-a1"]["start"]
+
+
 def test_vllm_client_benchmark_against_the_simulated_server(tmp_path):
     _, rows = run_bench(tmp_path, "--only", "vllm")
     [row] = measured(rows, "simulated server (smoke)")

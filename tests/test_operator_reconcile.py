@@ -178,6 +178,31 @@ def test_concurrent_training_starts_both_roles_at_once_and_resumes_the_one_left(
     assert world.status["phase"] == "Succeeded"
 
 
+@pytest.mark.parametrize("failing,beside", [
+    ("demo-i01-train-extender", "demo-i01-train-generator-a1"),  # the Extender first: the Generator still runs
+    ("demo-i01-train-generator", "demo-i01-train-extender-a1"),
+    ("demo-i01-evaluate", "demo-i02-self-instruct-a1"),
+], ids=["extender-fails", "generator-fails", "evaluation-fails"])
+def test_a_step_failing_for_good_stops_the_step_beside_it(failing, beside):
+    """A run that fails holds no GPU and asks no server: the Job running beside the failed one is deleted, and no
+    later step starts."""
+    world = World(make_run(spec(retry={"maxAttempts": 1}, evaluate={"enabled": True},
+                                training={"concurrent": True, "processesPerNode": 4})))
+    stage = failing.split("-i01-")[1]
+    play_until(world, "evaluate" if stage == "evaluate" else "train-generator",
+               "Evaluating" if stage == "evaluate" else "Training")
+    assert ("Job", beside) in world.objects
+    world.fail(f"{failing}-a1")
+    plan = world.step()
+    assert world.status["phase"] == "Failed"
+    assert f"delete Job/{beside}" in [repr(a) for a in plan.actions]
+    assert ("Job", f"{failing}-a1") in world.objects  # kept for its logs
+    created = list(world.created)
+    world.settle()
+    assert world.created == created and world.names("Deployment") == []
+    assert world.step(advance=3600).actions == []
+
+
 def test_sequential_training_by_default():
     world = World(make_run())
     play_until(world, "train-generator", "Training")
