@@ -85,28 +85,6 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def iteration_manifests(stages: dict) -> dict[str, dict]:
-    """An iteration's results from its status records, in the shape of the manifests they came from."""
-    def get(stage: str, key: str):
-        return (stages.get(stage) or {}).get(key)
-
-    out = {s: {"counts": rec["counts"]} for s, rec in stages.items() if "counts" in rec}
-    if get("extend", "averageWords") is not None:
-        out.setdefault("extend", {}).update(averageWords=get("extend", "averageWords"),
-                                            averageWordsInitial=get("respond", "averageWords") or 0)
-    for stage in ("train-generator", "train-extender", "train-length-following", "evaluate",
-                  "evaluate-length-following"):
-        if get(stage, "trainLoss") is not None:
-            out.setdefault(stage, {})["finalLoss"] = get(stage, "trainLoss")
-        if get(stage, "score") is not None:
-            out.setdefault(stage, {})["scores"] = {"overall": get(stage, "score")}
-        if get(stage, "longbenchSl") is not None:
-            out.setdefault(stage, {})["longbenchWrite"] = {"sl": {"overall": get(stage, "longbenchSl")}}
-        if get(stage, "maxOutputLength") is not None:
-            out.setdefault(stage, {})["ruler"] = {"maxLength": get(stage, "maxOutputLength")}
-    return out
-
-
 @dataclass
 class OperatorOptions:
     poll_seconds: float = 30.0
@@ -157,7 +135,8 @@ class Controller:
                         m.stage_failures.labels(run=name, namespace=namespace, stage=stage, reason=f["reason"]).inc()
                 if rec.get("state") == "Succeeded" != prev.get("state") and "durationSeconds" in rec:
                     m.stage_seconds.labels(run=name, stage=stage).observe(rec["durationSeconds"])
-            m.set_iteration(name, namespace, int(r.get("iteration") or 0), iteration_manifests(stages))
+            # the records keep the manifests' results under their own keys: the metrics read them as they read manifests
+            m.set_iteration(name, namespace, int(r.get("iteration") or 0), stages)
 
     def client(self) -> Kube:
         if self.kube is None:

@@ -64,7 +64,7 @@ from .spec import (
     run_steps,
     runnable_steps,
 )
-from .status import MAX_FAILURES_KEPT, MAX_MESSAGE, build_status
+from .status import MAX_FAILURES_KEPT, MAX_MESSAGE, build_status, stage_results
 
 CHILD_REJECTED = "ChildRejected"
 # Refusals that the same request meets again (the object itself is invalid): the run fails until its spec changes.
@@ -324,21 +324,7 @@ class _Reconciler:
             rec["durationSeconds"] = round(float(manifest["durationSeconds"]), 3)
         elif started:
             rec["durationSeconds"] = (self.now - started).total_seconds()
-        if isinstance(manifest.get("counts"), dict):
-            rec["counts"] = manifest["counts"]
-        if isinstance(manifest.get("averageWords"), (int, float)):
-            rec["averageWords"] = manifest["averageWords"]
-        if isinstance(manifest.get("trainLoss"), (int, float)):
-            rec["trainLoss"] = manifest["trainLoss"]
-        scores = manifest.get("scores")
-        if isinstance(scores, dict) and isinstance(scores.get("overall"), (int, float)):
-            rec["score"] = scores["overall"]
-        sl = ((manifest.get("longbenchWrite") or {}).get("sl") or {}).get("overall")
-        if isinstance(sl, (int, float)):
-            rec["longbenchSl"] = sl
-        longest = (manifest.get("ruler") or {}).get("maxLength")
-        if isinstance(longest, int):
-            rec["maxOutputLength"] = longest
+        rec.update(stage_results(manifest))  # the manifest's results, under its own keys
         where = stage_prefix(self.run.name, k, stage)  # collect's (...) output is the run's
         rec["artifactUri"] = manifest.get("modelUri") or f"{self.cfg.storage.uri}/{where}"
         if stage == "extend" and "averageWords" in rec:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 Phase = Literal["Pending", "Serving", "Generating", "ScalingDown", "Training", "Evaluating", "Suspended",
@@ -60,8 +60,78 @@ class Stuck(_Model):
     since: Timestamp | None = _time("When it was first seen stuck")
 
 
-class StageRecord(_Model):
-    """One stage (or serving pseudo-stage) of one macro-iteration."""
+class _Result(_Model):
+    # A manifest is data: no inf/NaN reaches the status (JSON has neither).
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", allow_inf_nan=False)
+
+
+class Overall(_Result):
+    overall: float | None = None
+
+
+class LonGenScores(Overall):
+    by_type: dict[str, float] | None = Field(None, max_length=8, description="about, range, above, below")
+
+    @field_validator("by_type", mode="before")
+    @classmethod
+    def _scored_types(cls, value):
+        """A type without items has no score (None in the manifest): left out, as the schema's map has numbers."""
+        return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+
+class LongBenchWriteScores(_Result):
+    sl: Overall | None = Field(None, description="LongWriter's length score S_l (0-100)")
+    sq: Overall | None = Field(None, description="The judge's quality score S_q (0-100)")
+
+
+class RulerResult(_Result):
+    max_length: int | None = Field(None, description="LongWrite-Ruler: the longest answer (LongWriter's count)")
+
+
+class StageResults(_Result):
+    """A finished stage's results as its manifest has them: the same keys and nesting, a subset (what the metrics,
+    the reports and kubectl read). The metrics read these keys from a local run's manifests and from a cluster
+    run's status records alike (pipeline/metrics.py, Metrics.set_iteration)."""
+
+    counts: dict[str, Any] | None = Field(None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+                                          description="The stage manifest's counts")
+    average_words: float | None = None
+    average_words_initial: float | None = Field(None, description="extend, collect: the initial answers' average")
+    final_loss: float | None = Field(None, description="Training: the loss at the last logged step")
+    scores: LonGenScores | None = Field(None, description="An evaluation's LonGen length-following scores")
+    longbench_write: LongBenchWriteScores | None = None
+    ruler: RulerResult | None = None
+
+
+def stage_results(manifest: dict) -> dict:
+    """The results a status record keeps of a stage's manifest (StageResults), camelCase: the keys the result
+    models declare (a manifest's sections have more: LonGen's byLanguage, ...); a value of the wrong type, or not
+    finite, is left out (the manifest is data; the status must stay writable)."""
+    out: dict = {}
+    for name, value in _declared(StageResults, manifest).items():
+        try:
+            parsed = StageResults.model_validate({name: value})
+        except ValidationError:
+            continue
+        out.update(parsed.model_dump(by_alias=True, exclude_none=True))
+    return out
+
+
+def _declared(model: type[BaseModel], value: dict) -> dict:
+    """The entries of `value` that `model` declares (by alias), recursively into the result models, by name."""
+    out = {}
+    for name, field in model.model_fields.items():
+        item = value.get(field.alias)
+        if item is None:
+            continue
+        sub = next((t for t in getattr(field.annotation, "__args__", ()) if isinstance(t, type)
+                    and issubclass(t, _Result)), None)
+        out[name] = _declared(sub, item) if sub is not None and isinstance(item, dict) else item
+    return out
+
+
+class StageRecord(StageResults):
+    """One stage (or serving pseudo-stage) of one macro-iteration: its attempts, and its results (StageResults)."""
 
     state: StageState | None = None
     attempts: int | None = Field(None, ge=0)
@@ -72,13 +142,6 @@ class StageRecord(_Model):
     child: str | None = Field(None, description="Job or Deployment of the latest attempt")
     failures: list[Failure] | None = Field(None, max_length=MAX_FAILURES_KEPT)
     stuck: Stuck | None = None
-    counts: dict[str, Any] | None = Field(None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-                                          description="The stage manifest's counts")
-    average_words: float | None = None
-    train_loss: float | None = None
-    score: float | None = None
-    longbench_sl: float | None = Field(None, description="An evaluation's LongBench-Write length score S_l (0-100)")
-    max_output_length: int | None = Field(None, description="An evaluation's LongWrite-Ruler maximum output length")
     artifact_uri: str | None = None
 
 

@@ -89,8 +89,10 @@ class Metrics:
                                         "stage", [*run, "iteration", "stage"], registry=registry)
         self.iteration_requested = Gauge("selflengthen_iteration_requested_items", "Requested items of a "
                                          "finished stage", [*run, "iteration", "stage"], registry=registry)
-        self.iteration_loss = Gauge("selflengthen_iteration_training_loss", "Final training loss", [*run, "iteration",
-                                    "role"], registry=registry)
+        # finalLoss: the loss at the last logged step (not the mean over the training), locally and on a cluster
+        self.iteration_loss = Gauge("selflengthen_iteration_training_loss", "Training loss at the last logged step of "
+                                    "a finished training (the manifest's finalLoss)", [*run, "iteration", "role"],
+                                    registry=registry)
         # -- orchestrators (operator or local runner) ---------------------------------------------------------
         self.stage_attempts = Counter("selflengthen_stage_attempts_total", "Stage attempts started (a Job, a "
                                       "server or a local call)", [*run, "stage"], registry=registry)
@@ -171,7 +173,8 @@ class Metrics:
             self.run_stage.labels(run=run, namespace=namespace, stage=s).set(1 if s == stage else 0)
 
     def set_iteration(self, run: str, namespace: str, iteration: int, manifests: dict[str, dict]) -> None:
-        """Per-iteration results from finished stages' manifests (they outlive the processes that made them)."""
+        """Per-iteration results from finished stages' manifests (they outlive the processes that made them): read
+        from the store by the local runner, from the status records (which keep the same keys) by the operator."""
         labels = {"run": run, "namespace": namespace, "iteration": str(iteration)}
         for stage, manifest in manifests.items():
             counts = manifest.get("counts", {})

@@ -153,8 +153,9 @@ MANIFESTS = {
     "respond": {"counts": {"requested": 8200, "accepted": 7000}, "averageWords": 820.0},
     "extend": {"counts": {"requested": 7000, "accepted": 5200}, "averageWords": 2310.4, "averageWordsInitial": 830},
     "build-sft": {"counts": {"generator": 5200, "extender": 5200}},
-    "train-generator": {"trainLoss": 1.23, "modelUri": "s3://selflengthen-artifacts/runs/demo/iter-01/train-generator/model"},
-    "train-extender": {"trainLoss": 1.31},
+    # finalLoss: the last logged step's loss; trainLoss: the Trainer's mean over the training (not what is reported)
+    "train-generator": {"finalLoss": 1.23, "trainLoss": 1.5, "modelUri": "s3://selflengthen-artifacts/runs/demo/iter-01/train-generator/model"},
+    "train-extender": {"finalLoss": 1.31, "trainLoss": 1.6},
     "evaluate": {"scores": {"overall": 0.71}, "averageWords": 1500},
 }
 

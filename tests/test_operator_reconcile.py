@@ -73,10 +73,10 @@ def test_happy_path_two_iterations_exact_children_and_status():
     assert ready["Degraded"]["status"] == "False"
     it1 = st["history"][0]
     assert it1["averageWords"] == 2310.4 and "finishedAt" in it1
-    assert it1["stages"]["train-generator"]["trainLoss"] == 1.23
+    assert it1["stages"]["train-generator"]["finalLoss"] == 1.23
     assert it1["stages"]["train-generator"]["artifactUri"].endswith("/iter-01/train-generator/model")
     assert it1["stages"]["extend"]["artifactUri"] == "s3://selflengthen-artifacts/runs/demo/iter-01/extend"
-    assert it1["stages"]["evaluate"]["score"] == 0.71
+    assert it1["stages"]["evaluate"]["scores"]["overall"] == 0.71
     assert it1["stages"]["self-instruct"]["counts"] == {"requested": 5000, "accepted": 4100}
     assert set(it1["stages"]) == {"serving", "self-instruct", "respond", "extend", "build-sft", "train-generator",
                                   "train-extender", "evaluate-serving", "evaluate"}

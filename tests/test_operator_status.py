@@ -145,3 +145,52 @@ def test_the_status_model_refuses_what_the_crd_would_prune_or_refuse():
     assert status_problems({"phase": "Pending", "nextAttempt": "x"}) == [
         "status.nextAttempt: would be pruned (not in the CRD's status schema)"]
     assert status_problems({"history": [{"stages": {"respond": {"state": "Waiting"}}}]})
+
+
+def test_status_records_keep_the_manifests_results_so_the_metrics_read_the_same_keys():
+    """A cluster run's metrics come from its status records, a local run's from its manifests: the records keep
+    the manifests' results under the same keys, so the gauges agree (the final training loss is the manifest's
+    finalLoss, the last logged step's, in both; the extend manifest's averageWordsInitial in both)."""
+    from prometheus_client import CollectorRegistry
+
+    from selflengthen.operator.status import stage_results
+    from selflengthen.pipeline.metrics import Metrics
+
+    manifests = {  # the shapes the stages write (pipeline/stages/, pipeline/training.py)
+        "respond": {"counts": {"requested": 10, "accepted": 8}, "averageWords": 120.5},
+        "extend": {"counts": {"requested": 8, "accepted": 5}, "averageWords": 180.0, "averageWordsInitial": 118.0,
+                   "growth": 1.5},
+        "train-generator": {"finalLoss": 1.25, "trainLoss": 1.9, "firstLoss": 3.0, "epochLosses": [2.5, 1.4],
+                            "counts": {"requested": 5, "accepted": 5}},
+        "evaluate": {"scores": {"overall": 0.6, "byType": {"about": 0.5, "range": None}, "byLanguage": {"en": 0.6}},
+                     "longbenchWrite": {"sl": {"overall": 55.0, "byBucket": {"0-500": 60.0}}, "sq": {"overall": 70.0}},
+                     "ruler": {"maxLength": 900, "byRequired": {"1000": 900}}, "averageWords": 700},
+    }
+    records = {stage: build_status({"history": [{"iteration": 1, "stages": {stage: stage_results(m)}}]})
+               ["history"][0]["stages"][stage] for stage, m in manifests.items()}
+    assert records["train-generator"]["finalLoss"] == 1.25 and "trainLoss" not in records["train-generator"]
+    assert records["evaluate"]["scores"] == {"overall": 0.6, "byType": {"about": 0.5}}  # an unscored type left out
+    assert status_problems({"history": [{"iteration": 1, "stages": records}]}) == []  # stored as written
+
+    def gauges(results: dict) -> dict:
+        m = Metrics(CollectorRegistry())
+        m.set_iteration("r", "ns", 1, results)
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for metric in m.registry.collect()
+                for s in metric.samples if not s.name.endswith("_created")}
+
+    local, cluster = gauges(manifests), gauges(records)
+    assert local == cluster
+    loss = {k: v for k, v in local.items() if k[0] == "selflengthen_iteration_training_loss"}
+    assert list(loss.values()) == [1.25]
+    initial = [v for k, v in local.items() if k[0] == "selflengthen_iteration_average_words" and ("kind", "initial")
+               in k[1]]
+    assert initial == [118.0]
+    assert ("selflengthen_longbench_write_score", (("iteration", "1"), ("namespace", "ns"), ("run", "r"),
+                                                   ("score", "sq"))) in cluster
+
+
+def test_a_manifest_value_of_the_wrong_type_is_left_out_of_the_record():
+    from selflengthen.operator.status import stage_results
+
+    assert stage_results({"finalLoss": float("nan"), "averageWords": "many", "scores": {"overall": "x"},
+                          "ruler": {"maxLength": 512}}) == {"ruler": {"maxLength": 512}}
