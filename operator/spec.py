@@ -383,7 +383,7 @@ def parse_spec(name: str, spec: dict) -> tuple[RunConfig, ClusterSpec]:
     except ValidationError as err:
         errors.extend(_format_errors(err, ClusterSpec).splitlines()[1:])
     if not errors and config is not None and cluster is not None:
-        errors.extend(cross_field_errors(config, cluster))
+        errors.extend(cel_rule_errors(spec) + cross_field_errors(config, cluster))
     if errors:
         lines = [e.strip() for e in errors]
         raise ConfigError("invalid SelfLengthenRun spec:\n  " + "\n  ".join(f"spec.{e}" for e in lines))
@@ -391,21 +391,19 @@ def parse_spec(name: str, spec: dict) -> tuple[RunConfig, ClusterSpec]:
     return config, cluster
 
 
+def cel_rule_errors(spec: dict) -> list[str]:
+    """The CRD's own CEL rules (x-kubernetes-validations) run on a spec as the API server runs them on a create
+    (transition rules need an old object: not here). The operator also acts where no admission checked the spec (a
+    run applied before the CRD was, an API server without CEL): the rules are the CRD's, evaluated, never restated."""
+    from .validation import spec_rule_errors  # validation reads the CRD, which is built from this module
+
+    return spec_rule_errors(spec)
+
+
 def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
-    """The CRD's CEL rules, restated for the operator (which also runs where no admission checked the spec)."""
+    """The checks no CEL rule of the CRD makes (the pipeline's own flag parser, lengths a pattern cannot say, the
+    Secret-fed variables, the training image's name)."""
     errors = []
-    if not config.storage.uri.startswith("s3://"):
-        errors.append("storage.uri: must be s3://BUCKET[/PREFIX] on a cluster (pods share no disk)")
-    if config.training.mode == "full" and config.iterations > 1:
-        errors.append("training.mode: full fine-tuning supports iterations: 1 only (a single vLLM server "
-                      "cannot serve two different full models to the pipeline)")
-    for section in (cluster.inference, cluster.training):
-        for kind in ("requests", "limits"):
-            if section.gpu_resource in getattr(section.resources, kind):
-                errors.append(f"{'inference' if section is cluster.inference else 'training'}.resources.{kind}: "
-                              f"must not set {section.gpu_resource} (GPUs follow from the parallelism fields)")
-    if config.models.base.startswith(("tiny://", "smollm2://", "gguf://")):  # built or converted on this machine
-        errors.append("models.base: tiny://, smollm2:// and gguf:// models exist on a laptop only: name a real model")
     reserved = {OPTIONS[f]["dest"]: owner for f, owner in RESERVED_VLLM_SETTINGS.items()}
     problems = check_extra_args(cluster.inference.extra_args, reserved)
     if problems:
@@ -418,8 +416,6 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
     if cluster.training.image is None and training_image_beside(cluster.image) is None:
         errors.append("training.image: required when spec.image is pinned by digest (the training image beside it "
                       "cannot be named)")
-    if cluster.retry.max_backoff_seconds < cluster.retry.backoff_seconds:
-        errors.append("retry.maxBackoffSeconds: must not be below backoffSeconds")
     roles = (("scheduling", cluster.scheduling), ("inference", cluster.inference), ("training", cluster.training),
              ("cpuJobs", cluster.cpu_jobs))
     for where, section in roles:
@@ -428,12 +424,6 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
         for i, t in enumerate(section.tolerations or []):
             if t.key:
                 errors.extend(f"{where}.tolerations.{i}.key: {m}" for m in k8sformat.qualified_name(t.key))
-            if t.toleration_seconds is not None and t.effect != "NoExecute":
-                errors.append(f"{where}.tolerations.{i}.tolerationSeconds: only with effect NoExecute")
-            if t.operator == "Exists" and t.value is not None:
-                errors.append(f"{where}.tolerations.{i}: a toleration with operator Exists must not have a value")
-            if t.key is None and t.operator != "Exists":
-                errors.append(f"{where}.tolerations.{i}: a toleration without a key must use operator Exists")
     judge = config.evaluate.judge
     secret_names = [e.name for e in cluster.secret_env]
     if judge.enabled and judge.api_key_env and judge.api_key_env not in secret_names:
@@ -444,13 +434,6 @@ def cross_field_errors(config: RunConfig, cluster: ClusterSpec) -> list[str]:
         errors.append(f"secretEnv: variables the operator sets itself ({', '.join(reserved_env)})")
     if len(set(secret_names)) != len(secret_names):
         errors.append("secretEnv: a variable is named twice")
-    unknown = sorted(set(cluster.retry.stages) - set(ALL_STAGES) - {SERVING})
-    if unknown:
-        errors.append(f"retry.stages: unknown stage(s) {', '.join(unknown)}")
-    unknown = sorted(set(cluster.deadlines.stages) - set(ALL_STAGES))
-    if unknown:
-        errors.append(f"deadlines.stages: unknown stage(s) {', '.join(unknown)} (serving has "
-                      "inference.startupTimeoutSeconds)")
     return errors
 
 

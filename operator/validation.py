@@ -222,6 +222,20 @@ def _cel_errors(schema: dict, value: Any, old: Any, path: list, ratchet: bool = 
     return errors
 
 
+@lru_cache(maxsize=256)
+def _spec_rule_errors(spec_json: str) -> tuple[str, ...]:
+    schema = root_schema()["properties"]["spec"]
+    spec = apply_defaults(schema, json.loads(spec_json))
+    return tuple(e.removeprefix("spec.") for e in _cel_errors(schema, spec, _MISSING, ["spec"]))
+
+
+def spec_rule_errors(spec: dict) -> list[str]:
+    """The errors of the CRD's CEL rules on a spec (a create: no transition rules), defaulted as the API server
+    defaults it first; paths relative to spec (`storage.uri: Invalid value: ...`). Cached by content: the operator
+    checks the same spec on every reconcile."""
+    return list(_spec_rule_errors(json.dumps(spec, sort_keys=True)))
+
+
 # -- admission ------------------------------------------------------------------------------------------------------
 
 
