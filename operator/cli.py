@@ -34,21 +34,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from . import crd, deploy
+    from . import crd_files, deploy
 
     if args.write:
-        for path in (*(crd.write(p) for p in crd.CRD_PATHS), *deploy.write_chart_files()):
+        for path in (*(crd_files.write(p) for p in crd_files.CRD_PATHS), *deploy.write_chart_files()):
             print(f"wrote {path}")
         return 0
     if args.check:
-        stale = [*crd.stale(), *deploy.stale_chart_files()]
+        stale = [*crd_files.stale(), *deploy.stale_chart_files()]
         for path in stale:
             print(f"{path} is out of date: run `python -m selflengthen.operator crd --write`", file=sys.stderr)
         if stale:
             return 1
-        print(f"{', '.join(str(p) for p in crd.CRD_PATHS)} and the chart's generated files are up to date")
+        print(f"{', '.join(str(p) for p in crd_files.CRD_PATHS)} and the chart's generated files are up to date")
         return 0
-    sys.stdout.write(crd.render())
+    sys.stdout.write(crd_files.render())
     return 0
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from .crd import CHART_DIR, GROUP, PLURAL, crd
+from .crd import GROUP, PLURAL, crd
+from .crd_files import CHART_DIR
 
 PEERING = "selflengthen"
 UID = 10001  # the non-root user of the images (images/Dockerfile.*)

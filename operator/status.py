@@ -200,3 +200,10 @@ def build_status(status: dict) -> dict:
     """The status as the API server will store it: validated against the model (a field or value the CRD does not
     declare raises), unset fields left out, camelCase."""
     return RunStatus.model_validate(status).model_dump(by_alias=True, exclude_none=True)
+
+
+def status_schema() -> dict:
+    """The CRD's status schema, from these models (operator/openapi.py)."""
+    from .openapi import openapi_schema
+
+    return openapi_schema(RunStatus)

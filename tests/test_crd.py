@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from selflengthen.operator import crd as crd_mod
+from selflengthen.operator import crd_files, openapi
 from selflengthen.operator.deploy import manifests
 from selflengthen.operator.spec import EXCLUDED_CONFIG_FIELDS, MAX_RUN_NAME, parse_spec, split_spec
 from selflengthen.operator.validation import admit, root_schema, validate
@@ -49,12 +50,12 @@ def with_path(spec: dict, path: list, value) -> dict:
 
 
 def test_checked_in_crd_is_the_generated_one():
-    assert crd_mod.CRD_PATH.read_text(encoding="utf-8") == crd_mod.render(), (
+    assert crd_files.CRD_PATH.read_text(encoding="utf-8") == crd_files.render(), (
         "crds/selflengthenrun.yaml differs from the models: run `python -m selflengthen.operator crd --write`")
 
 
 def test_crd_identity_and_printer_columns():
-    doc = yaml.safe_load(crd_mod.CRD_PATH.read_text())
+    doc = yaml.safe_load(crd_files.CRD_PATH.read_text())
     assert doc["metadata"]["name"] == "selflengthenruns.selflengthen.io"
     spec = doc["spec"]
     assert spec["scope"] == "Namespaced"
@@ -488,7 +489,7 @@ def test_a_union_without_a_structural_type_is_refused_at_generation():
         value: int | list[int] = 1
 
     with pytest.raises(ValueError, match="no structural schema"):
-        crd_mod.openapi_schema(Odd)
+        openapi.openapi_schema(Odd)
 
 
 def test_target_modules_is_a_typed_list_on_the_cluster_and_all_linear_for_peft():

@@ -14,9 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from kube_fixtures import World, current_child, make_run, play_cluster, run_to_completion, spec
-from selflengthen.operator.crd import status_schema
 from selflengthen.operator.reconcile import child_rejected, cleanup_actions, invalid_spec, reconcile
-from selflengthen.operator.status import build_status
+from selflengthen.operator.status import build_status, status_schema
 from selflengthen.operator.validation import prune, status_problems
 
 T1 = dt.datetime(2026, 11, 25, 13, 0, 0, tzinfo=dt.UTC)
