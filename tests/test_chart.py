@@ -23,8 +23,7 @@ import pytest
 import yaml
 
 from kube_fixtures import make_run, spec
-from selflengthen.operator import crd as crd_mod
-from selflengthen.operator import deploy
+from selflengthen.operator import crd_files, deploy
 from selflengthen.operator.cli import build_parser
 from selflengthen.operator.resources import METRICS_PORT, serving_deployment, stage_job, training_job
 from selflengthen.operator.spec import Inference, parse_spec
@@ -139,7 +138,7 @@ def test_every_rendered_manifest_is_valid(rendered, case):
 
 def test_chart_crds_are_the_generated_ones_and_valid(chart):
     # one source: the chart's CRD is the checked-in one byte for byte (tests/test_crd.py ties that to the models)
-    assert crd_mod.CHART_CRD_PATH.read_text() == crd_mod.CRD_PATH.read_text()
+    assert crd_files.CHART_CRD_PATH.read_text() == crd_files.CRD_PATH.read_text()
     assert (CHART / "crds" / "kopfpeerings.yaml").read_text() == deploy.chart_files()[CHART / "crds" /
                                                                                       "kopfpeerings.yaml"]
     crds = [d for c in chart.crds for d in yaml.safe_load_all(c["data"]) if d]
