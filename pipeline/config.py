@@ -186,7 +186,13 @@ class Client(Model):
 
     affects = NEUTRAL  # how requests are sent and retried, never what is asked
 
-    concurrency: int = Field(32, ge=1, le=4096, description="Requests in flight at most")
+    concurrency: int = Field(32, ge=1, le=4096,
+                             description="Requests in flight at most (with adaptiveConcurrency: where it starts)")
+    adaptive_concurrency: bool = Field(
+        False, description="Follow the server: grow the requests in flight while vLLM's /metrics shows none waiting "
+                           "and KV-cache room, shrink when requests queue or the cache fills (between 1 and "
+                           "maxConcurrency); a server without vLLM's metrics keeps `concurrency`")
+    max_concurrency: int = Field(1024, ge=1, le=4096, description="Requests in flight at most, adaptive")
     request_timeout_seconds: float = Field(900, gt=0, description="Per-request timeout")
     max_attempts: int = Field(
         8, ge=1, le=100,
@@ -195,6 +201,11 @@ class Client(Model):
     backoff_seconds: float = Field(0.5, gt=0, description="First retry delay; doubles each attempt, with jitter")
     max_backoff_seconds: float = Field(30, gt=0)
     deadline_seconds: float = Field(300, gt=0, description="Fail when the server stays unreachable this long")
+
+    @property
+    def most_in_flight(self) -> int:
+        """The most requests the client may have in flight."""
+        return max(self.concurrency, self.max_concurrency) if self.adaptive_concurrency else self.concurrency
 
 
 class Storage(Model):

@@ -15,7 +15,9 @@ the configuration is wrong and stops the stage.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import logging
 import random
 import re
 import time
@@ -28,6 +30,9 @@ import aiohttp
 
 from .config import Client as ClientConfig
 from .config import Sampling
+from .urls import redact
+
+logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -110,6 +115,7 @@ class ClientStats:
     errors: int = 0
     completion_tokens: int = 0
     in_flight: int = 0
+    limits: list[int] = field(default_factory=list)  # adaptive concurrency: each new limit, in order
     backoffs: list[float] = field(default_factory=list)
 
 
@@ -187,7 +193,9 @@ class InferenceClient:
         self.endpoint = endpoint.rstrip("/")
         self.config = config or ClientConfig()
         self.stats = ClientStats()
-        self._semaphore = asyncio.Semaphore(self.config.concurrency)
+        self._limit = Limit(self.config.concurrency) if self.config.adaptive_concurrency else None
+        self._semaphore = self._limit or asyncio.Semaphore(self.config.concurrency)
+        self._adapter: asyncio.Task | None = None  # adaptive concurrency: the task that follows the server
         self._rng = random.Random(seed)
         # Optional hook for metrics: observe(event, value) with events start, end, ok (latency seconds),
         # retry, failed and tokens (count). Keeps this module free of any metrics library.
@@ -222,6 +230,10 @@ class InferenceClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        adapter, self._adapter = self._adapter, None
+        if adapter is not None:
+            adapter.cancel()
+            await asyncio.gather(adapter, return_exceptions=True)
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -414,6 +426,8 @@ class InferenceClient:
         # Only generation requests feed the request metrics: the context budget's /models and /tokenize calls
         # are bookkeeping, and the manifests count generation requests.
         observe = self._observe if path.endswith("/completions") else (lambda event, value: None)
+        if self._limit is not None and self._adapter is None:
+            self._adapter = asyncio.create_task(self._adapt(self._limit))
         async with self._semaphore:
             self.stats.in_flight += 1
             observe("start", 1)
@@ -486,9 +500,129 @@ class InferenceClient:
                 self.stats.in_flight -= 1
                 observe("end", 1)
 
+    # -- adaptive concurrency ---------------------------------------------------------------------------------
+
+    ADAPT_INTERVAL_SECONDS = 1.0
+
+    async def server_gauges(self) -> dict[str, float] | None:
+        """vLLM's scheduler gauges from its /metrics (beside /v1), summed over its series (KV usage: the highest);
+        None when the server does not expose them. Not retried and not counted: a missed look changes nothing."""
+        try:
+            async with self._http().get(self._root + "/metrics", proxy=self._proxy,
+                                        timeout=aiohttp.ClientTimeout(total=5)) as response:
+                if response.status != 200:
+                    return None
+                text = await response.text()
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+        return parse_gauges(text)
+
+    async def _adapt(self, limit: Limit) -> None:
+        """Every ADAPT_INTERVAL_SECONDS: the next limit from the server's gauges (next_concurrency)."""
+        cfg = self.config
+        warned = False
+        threshold = max(cfg.concurrency, cfg.max_concurrency)  # no queue seen yet: double up to the bound
+        while True:
+            await asyncio.sleep(self.ADAPT_INTERVAL_SECONDS)
+            gauges = await self.server_gauges()
+            if gauges is None:
+                if not warned:
+                    logger.info("adaptive concurrency: %s/metrics has no vLLM gauges; staying at %d in flight",
+                                redact(self._root), limit.limit)
+                    warned = True
+                continue
+            new, threshold = next_concurrency(limit.limit, threshold, full=limit.used >= limit.limit, low=1,
+                                              high=max(cfg.concurrency, cfg.max_concurrency), **gauges)
+            if new != limit.limit:
+                limit.resize(new)
+                self.stats.limits.append(new)
+
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform(0, min(cap, base * 2^(attempt-1))), floored at half the window so it grows."""
         window = min(self.config.max_backoff_seconds, self.config.backoff_seconds * 2 ** (attempt - 1))
         delay = window * (0.5 + 0.5 * self._rng.random())
         self.stats.backoffs.append(delay)
         return delay
+
+
+# -- adaptive concurrency: a resizable limit, vLLM's gauges, the policy ---------------------------------------------
+
+class Limit:
+    """A semaphore whose size can change while requests wait on it (first come, first served)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def __aenter__(self) -> None:
+        if self.used >= self.limit or self._waiters:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter  # woken with its slot already counted in `used`
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # woken and cancelled at once: pass the slot on
+                    self.used -= 1
+                    self._wake()
+                else:
+                    self._waiters.remove(waiter)
+                raise
+            return
+        self.used += 1
+
+    async def __aexit__(self, *exc) -> None:
+        self.used -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.used < self.limit:
+            self.used += 1
+            self._waiters.popleft().set_result(None)
+
+
+GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+          "vllm:kv_cache_usage_perc": "kv_usage"}
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)")
+
+
+def parse_gauges(text: str) -> dict[str, float] | None:
+    """running and waiting (summed over engines and models) and kv_usage (the fullest cache, 0-1) from vLLM's
+    Prometheus text; None unless all three are there."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None or m.group(1) not in GAUGES:
+            continue
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            continue
+        key = GAUGES[m.group(1)]
+        found[key] = max(found.get(key, 0.0), value) if key == "kv_usage" else found.get(key, 0.0) + value
+    return found if len(found) == len(GAUGES) else None
+
+
+# KV-cache usage above which the limit shrinks: vLLM preempts (and recomputes) requests when the cache runs out.
+KV_HIGH = 0.9
+
+
+def next_concurrency(limit: int, threshold: int, *, running: float, waiting: float, kv_usage: float, full: bool,
+                     low: int, high: int) -> tuple[int, int]:
+    """(the next limit on requests in flight, the next threshold), as TCP's congestion window. Shrink by a fifth
+    when the cache is nearly full or the server's queue is deep (more than a quarter of what it runs waits: it
+    cannot admit them), and remember that level as the threshold. Grow while the limit is what holds requests back
+    (`full`) and nothing waits: doubling below the threshold while the cache is under half of KV_HIGH, else by a
+    sixteenth (at least one). Otherwise hold: a short queue at the server keeps its batch full."""
+    if kv_usage >= KV_HIGH or waiting > max(1.0, running / 4):
+        shrunk = max(low, min(limit - 1, int(limit * 0.8)))
+        return shrunk, shrunk
+    if full and waiting == 0:
+        if limit < threshold and kv_usage < KV_HIGH / 2:
+            return min(high, threshold, limit * 2), threshold
+        return min(high, limit + max(1, limit // 16)), threshold
+    return limit, threshold

@@ -52,9 +52,9 @@ def test_quick_run_prints_and_writes_every_table_row(tmp_path):
         assert r["benchmark"] in proc.stdout
 
     saturation = measured(rows, "saturation:")
-    assert len(saturation) == 3  # (a)/(c) tokens/s, (b)/(a) wall time, (a)/(c) at the shipped concurrency
+    assert len(saturation) == 4  # (a)/(c) tokens/s, (b)/(a) wall time, (a)/(c) at the shipped and adaptive
     details = saturation[0]["details"]
-    for driver in ("ours", "reference", "shipped"):
+    for driver in ("ours", "reference", "shipped", "adaptive"):
         assert set(details[driver]["stages"]) == {"self-instruct", "respond", "extend"}
         assert details[driver]["tokens"] > 0
     assert details["ours"]["stages"]["extend"]["counts"]["accepted"] > 0  # the filters let a share through

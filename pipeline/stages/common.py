@@ -59,7 +59,7 @@ async def process_shards(
     there are. A fatal inference error stops the stage (finished shards stay)."""
     done_shards = artifacts.work_done()
     shard_size = ctx.config.storage.shard_size
-    target = 2 * ctx.config.client.concurrency  # items in flight wanted
+    target = 2 * ctx.config.client.most_in_flight  # items in flight wanted
     max_open = 4 * max(2, -(-target // shard_size))  # shards open at most (finished rows wait for their shard)
     finished = 0
     in_flight = 0  # items started and not finished, over the open shards
