@@ -607,12 +607,13 @@ class SimServer:
     """The simulated server as a subprocess of its own (its CPU does not compete with the client's event loop
     for the GIL). `with SimServer(model) as sim: sim.endpoint`."""
 
-    def __init__(self, model: SimModel | None = None, port: int = 0):
+    def __init__(self, model: SimModel | None = None, port: int = 0, host: str = "127.0.0.1"):
         from selflengthen.pipeline.serving import free_port
 
         self.model = model or SimModel()
+        self.host = host  # any loopback address (127.0.0.2, ...): replicas on one port, as pods behind a Service
         self.port = port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"http://{host}:{self.port}"
         self.endpoint = f"{self.base}/v1"
         self.process: subprocess.Popen | None = None
 
@@ -621,7 +622,8 @@ class SimServer:
 
         code = f"import sys; sys.path.append({str(ROOT)!r}); from bench.sim_server import main; main()"
         self.process = subprocess.Popen(
-            [sys.executable, "-c", code, "--port", str(self.port), "--model", self.model.to_json()],
+            [sys.executable, "-c", code, "--host", self.host, "--port", str(self.port), "--model",
+             self.model.to_json()],
             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONSAFEPATH": "1"},
         )
         deadline = time.monotonic() + 60

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import json
 import logging
 import random
 import re
+import socket
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -156,9 +158,39 @@ def _env_proxy(endpoint: str) -> str | None:
     return proxy if proxy and not urllib.request.proxy_bypass(host) else None
 
 
+async def _getaddrinfo(host: str, port: int) -> list[str]:
+    """Every address a host name resolves to (a headless Service: one per ready pod)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _encode(body: dict) -> bytes:
     """JSON as httpx wrote it (compact, UTF-8 unescaped): the same bytes for the same request as before."""
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclass
+class Replica:
+    """One server behind the endpoint: its base URL (…/v1) and root, the Host (and TLS name) to send when the URL
+    names an address instead of the endpoint's host, and its requests in flight and sent."""
+
+    endpoint: str
+    host: str | None = None  # the Host header when the URL holds an address
+    server_hostname: str | None = None  # the TLS name when the URL holds an address (https)
+    in_flight: int = 0
+    requests: int = 0
+
+    @property
+    def root(self) -> str:
+        return self.endpoint.removesuffix("/v1")
 
 
 @dataclass
@@ -189,7 +221,14 @@ class InferenceClient:
         observe: Callable[[str, float], None] | None = None,
         alive: Callable[[], str | None] | None = None,
         budget: bool = False,
+        replicas: Sequence[str] | None = None,
+        resolve: Callable[[str, int], Awaitable[list[str]]] | None = None,
     ):
+        """`replicas`: the base URLs of several servers of the same models, each request sent to the one with the
+        fewest in flight (least outstanding requests); `endpoint` then only names them in messages. With
+        client.balancePerRequest the endpoint's host name is resolved to all its addresses instead (the pods
+        behind a headless Service), again every RESOLVE_SECONDS; `resolve(host, port)` -> addresses (default: the
+        event loop's getaddrinfo)."""
         self.endpoint = endpoint.rstrip("/")
         self.config = config or ClientConfig()
         self.stats = ClientStats()
@@ -222,6 +261,13 @@ class InferenceClient:
         # CPU is the server's (bench/vllm_client.py). Made on first use: a session belongs to its event loop.
         self._session: aiohttp.ClientSession | None = None
         self._proxy = _env_proxy(self.endpoint)
+        self.replicas = [Replica(url.rstrip("/")) for url in replicas] if replicas else [Replica(self.endpoint)]
+        self._resolve = resolve or _getaddrinfo
+        # balancing over the endpoint's addresses: when they were last looked up (None: never; fixed replicas or
+        # one address: not balanced by name)
+        self._resolved_at: float | None = None
+        self._by_name = bool(self.config.balance_per_request and not replicas
+                             and not _is_address(urllib.parse.urlsplit(self.endpoint).hostname or ""))
 
     async def __aenter__(self) -> InferenceClient:
         return self
@@ -250,11 +296,60 @@ class InferenceClient:
             )
         return self._session
 
-    async def _send(self, method: str, path: str, body: dict | None) -> _Reply:
-        url = path if path.startswith(("http://", "https://")) else self.endpoint + path
+    async def _send(self, replica: Replica, method: str, path: str, body: dict | None) -> _Reply:
+        """One try on `replica`: `path` under its /v1, or an absolute URL under the endpoint's root (/tokenize,
+        /metrics) taken to the replica's root."""
+        if path.startswith(self._root + "/"):
+            url = replica.root + path[len(self._root):]
+        else:
+            url = replica.endpoint + path
         data = None if body is None else _encode(body)
-        async with self._http().request(method, url, data=data, proxy=self._proxy) as response:
-            return _Reply(response.status, await response.read())
+        extra = {"server_hostname": replica.server_hostname} if replica.server_hostname else {}
+        headers = {"Host": replica.host} if replica.host else None
+        replica.in_flight += 1
+        replica.requests += 1
+        try:
+            async with self._http().request(method, url, data=data, proxy=self._proxy, headers=headers,
+                                            **extra) as response:
+                return _Reply(response.status, await response.read())
+        finally:
+            replica.in_flight -= 1
+
+    # -- balancing over replicas -----------------------------------------------------------------------------
+
+    RESOLVE_SECONDS = 30.0
+
+    def _pick(self) -> Replica:
+        """The replica with the fewest requests in flight; ties go to the one sent fewest (then the first)."""
+        return min(self.replicas, key=lambda r: (r.in_flight, r.requests))
+
+    async def _refresh(self) -> None:
+        """Look the endpoint's host up again when RESOLVE_SECONDS have passed: one replica per address (the pods
+        behind a headless Service come and go); replicas kept keep their counts. A failed lookup keeps the last."""
+        now = time.monotonic()
+        if self._resolved_at is not None and now - self._resolved_at < self.RESOLVE_SECONDS:
+            return
+        self._resolved_at = now
+        url = urllib.parse.urlsplit(self.endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            addresses = sorted(set(await self._resolve(url.hostname or "", port)))
+        except OSError as err:
+            logger.warning("balancing: cannot resolve %s (%s); keeping %d replicas", url.hostname, err,
+                           len(self.replicas))
+            return
+        if not addresses:
+            return
+        known = {r.endpoint: r for r in self.replicas}
+        host = url.netloc.rpartition("@")[2]
+        fresh = []
+        for address in addresses:
+            netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+            endpoint = urllib.parse.urlunsplit((url.scheme, netloc, url.path, "", ""))
+            fresh.append(known.get(endpoint) or Replica(endpoint, host=host,
+                                                        server_hostname=url.hostname if url.scheme == "https"
+                                                        else None))
+        self.replicas = fresh
 
     # -- the two generation calls the stages need -------------------------------------------------------------
 
@@ -428,6 +523,8 @@ class InferenceClient:
         observe = self._observe if path.endswith("/completions") else (lambda event, value: None)
         if self._limit is not None and self._adapter is None:
             self._adapter = asyncio.create_task(self._adapt(self._limit))
+        if self._by_name:
+            await self._refresh()
         async with self._semaphore:
             self.stats.in_flight += 1
             observe("start", 1)
@@ -441,7 +538,7 @@ class InferenceClient:
                     self.stats.requests += 1
                     sent = time.monotonic()
                     try:
-                        response = await self._send(method, path, body)
+                        response = await self._send(self._pick(), method, path, body)
                     except aiohttp.InvalidURL:
                         raise
                     except (TimeoutError, aiohttp.ClientError) as err:
@@ -505,11 +602,21 @@ class InferenceClient:
     ADAPT_INTERVAL_SECONDS = 1.0
 
     async def server_gauges(self) -> dict[str, float] | None:
-        """vLLM's scheduler gauges from its /metrics (beside /v1), summed over its series (KV usage: the highest);
-        None when the server does not expose them. Not retried and not counted: a missed look changes nothing."""
+        """vLLM's scheduler gauges from the /metrics (beside /v1) of every replica, summed (KV usage: the
+        fullest); None when one does not expose them. Not retried and not counted: a missed look changes
+        nothing."""
+        found = await asyncio.gather(*(self._replica_gauges(r) for r in list(self.replicas)))
+        if not found or any(g is None for g in found):
+            return None
+        return {"running": sum(g["running"] for g in found), "waiting": sum(g["waiting"] for g in found),
+                "kv_usage": max(g["kv_usage"] for g in found)}
+
+    async def _replica_gauges(self, replica: Replica) -> dict[str, float] | None:
+        headers = {"Host": replica.host} if replica.host else None
+        extra = {"server_hostname": replica.server_hostname} if replica.server_hostname else {}
         try:
-            async with self._http().get(self._root + "/metrics", proxy=self._proxy,
-                                        timeout=aiohttp.ClientTimeout(total=5)) as response:
+            async with self._http().get(replica.root + "/metrics", proxy=self._proxy, headers=headers,
+                                        timeout=aiohttp.ClientTimeout(total=5), **extra) as response:
                 if response.status != 200:
                     return None
                 text = await response.text()
