@@ -15,6 +15,7 @@ One server for the module; the stages run in-process against it, into a file sto
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -184,7 +185,7 @@ def test_one_lora_step_on_the_real_model_and_vllm_serves_the_adapter(ctx, server
 
 # -- the length-following step after the last iteration ----------------------------------------------------------------
 
-LF_STEPS = 12  # optimizer steps of train-length-following here: about one and a half passes over its ~8 examples
+LF_STEPS = 12  # steps of train-length-following here: about one pass over its ~11 examples (collect + Generator set)
 
 
 def load_adapter(server, name: str, path: Path) -> None:
@@ -220,11 +221,29 @@ def summary(manifest: dict, rows: dict[str, dict]) -> dict:
             "longen": manifest["scores"]["overall"], "heldoutAverageWords": manifest["heldout"]["averageWords"]}
 
 
+def cpu_seconds(server) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by this process and by the vLLM server's process tree: what the
+    test costs independently of the machine's load (its wall time on an idle 2-core machine is at least half
+    their sum)."""
+    import resource
+
+    import psutil  # vLLM's own dependency
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    root = psutil.Process(server.process.pid)
+    tree = 0.0
+    for proc in (root, *root.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            tree += times.user + times.system
+    return own.ru_utime + own.ru_stime, tree
+
+
 def test_the_length_following_step_on_the_real_model_records_its_effect(ctx, server, tmp_path, monkeypatch):
     """collect -> train-length-following -> evaluate-length-following on SmolLM2, against the iteration's
     Generator's evaluation on the same items and seeds. What is asserted is what must hold whatever the model
     learnt; the effect on S_l is measured and recorded (length-following-effect.json, printed), not asserted."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds(server)
     monkeypatch.setenv("SELFLENGTHEN_WORKDIR", str(tmp_path / "work"))
     write_self_instruct(ctx)
     for stage in ("respond", "extend", "build-sft", "train-generator", "train-extender"):
@@ -295,6 +314,8 @@ def test_the_length_following_step_on_the_real_model_records_its_effect(ctx, ser
                    "after": {"length": a[k]["length"], "sl": a[k]["sl"], "finish": a[k]["finishReason"]}}
                   for k in sorted(b)],
         "seconds": round(time.perf_counter() - started, 1),
+        "cpuSeconds": dict(zip(("test", "vllm"), (round(b - a, 1) for a, b in zip(cpu_started, cpu_seconds(server))),
+                               strict=True)),
     }
     (tmp_path / "length-following-effect.json").write_text(json.dumps(effect, indent=1))
     print("length-following effect:", json.dumps(effect, indent=1))
