@@ -73,9 +73,10 @@ def add_spec_rules(schema: dict) -> None:
                    rule("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
                          "tolerationSeconds only with effect NoExecute", fieldPath=".tolerationSeconds"))
     add_rules(schema, rule(
-        "self.training.mode != 'full' || self.iterations == 1",
-        "training.mode full supports iterations: 1 only (one vLLM server cannot serve two different full models "
-        "to the pipeline); use lora for several macro-iterations", fieldPath=".training.mode"))
+        "!has(self.training) || !has(self.training.mode) || self.training.mode != 'full' || !has(self.inference) "
+        "|| !has(self.inference.port) || self.inference.port <= 65533",
+        "inference.port: at most 65533 with training.mode full (the Generator's, the Extender's and the base "
+        "model's servers listen on port, port+1 and port+2)", fieldPath=".inference.port"))
     _hostile_input_rules(props)
 
 

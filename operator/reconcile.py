@@ -44,6 +44,7 @@ from .resources import (
     config_map_name,
     deployment_name,
     endpoint,
+    model_endpoints,
     job_name,
     serving_deployment,
     serving_name,
@@ -527,7 +528,7 @@ class _Reconciler:
         self.fail_run(f"iteration {k}: {key}: stuck {waited:.0f}s: {reason}: {message}")
         return True
 
-    def run_stage(self, k: int, stage: str, endpoint_url: str | None) -> None:
+    def run_stage(self, k: int, stage: str, endpoint_url: str | None, routes: dict[str, str] | None = None) -> None:
         rec = self.record(k, stage)
         jobs = self.stage_jobs(k, stage)
         attempt = max([rec.get("attempts", 0), *jobs])
@@ -552,7 +553,8 @@ class _Reconciler:
                 if self.cl.training.nodes > 1:
                     self.act("create", "Service", rec["child"], training_service(self.run, k, stage, attempt))
             else:
-                body = stage_job(self.run, k, stage, attempt, endpoint_url=endpoint_url, suspend=queued)
+                body = stage_job(self.run, k, stage, attempt, endpoint_url=endpoint_url, routes=routes,
+                                 suspend=queued)
             self.act("create", "Job", rec["child"], body)
             return
         rec.update(attempts=attempt, child=job["metadata"]["name"])
@@ -691,7 +693,7 @@ class _Reconciler:
                 if st.get("phase") == "Failed" or (
                         (kk, ss) != (k, stage) and not self.ensure_serving(kk, served_for(kk, ss), serving_key(ss))):
                     break
-                self.run_stage(kk, ss, st["endpoint"])
+                self.run_stage(kk, ss, st["endpoint"], model_endpoints(self.run, model))
         elif stage == TRAIN_STAGES[0]:
             # build-sft needs neither the server nor a GPU: it runs while vLLM goes down for the training Jobs
             freed = self.scaled_down()

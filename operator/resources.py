@@ -5,8 +5,9 @@ after an operator restart, finds what it made instead of making it again. Every 
 and an owner reference to its SelfLengthenRun (the cluster garbage-collects what the finalizer missed).
 
     <run>-config                        ConfigMap: the run configuration (config.yaml) the stage Jobs read
-    <run>-m<MM>-vllm-a<N>               Deployment: vLLM serving model MM (0: base; k: adapters of iteration k)
-    <run>-m<MM>-vllm                    Service in front of it (the data stages' endpoint)
+    <run>-m<MM>-vllm-a<N>               Deployment: vLLM serving model MM (0: base; k: adapters of iteration k, or
+                                        with full fine-tuning one server a model: Generator, Extender, base)
+    <run>-m<MM>-vllm                    Service in front of it (the data stages' endpoint; a port a server)
     <run>-i<KK>-<stage>-a<N>            Job: one attempt of one stage of iteration KK
     <run>-i<KK>-train-<role>-a<N>       + headless Service of the same name for a multi-node (Indexed) Job
 """
@@ -267,13 +268,44 @@ def max_lora_rank(rank: int) -> int:
 
 def served_prefixes(run: Run, model: int) -> dict[str, str]:
     """Store prefix of each role's trained model that serving `model` pulls: iteration `model`'s, or for the
-    length-following model (LF_MODEL) that model as the Generator beside the last iteration's Extender."""
-    roles = ("generator",) if run.config.training.mode == "full" else ("generator", "extender")
+    length-following model (LF_MODEL) that model as the Generator (with LoRA beside the last iteration's
+    Extender)."""
+    full = run.config.training.mode == "full"
     if model == LF_MODEL:
         last = run.config.iterations
         return {role: model_prefix(run.name, last, LENGTH_FOLLOWING if role == "generator" else role)
-                for role in roles}
-    return {role: model_prefix(run.name, model, role) for role in roles}
+                for role in (("generator",) if full else ("generator", "extender"))}
+    return {role: model_prefix(run.name, model, role) for role in ("generator", "extender")}
+
+
+@dataclass(frozen=True)
+class ServedPart:
+    """One vLLM server of a serving pod: what it loads, under which names, on which port (the pod's containers
+    share its network namespace, so each listens on its own)."""
+
+    container: str
+    port_name: str
+    port: int
+    weights: str
+    names: tuple[str, ...]
+
+
+def served_parts(run: Run, model: int) -> list[ServedPart]:
+    """The vLLM servers of model `model`'s pod. One, except with full fine-tuning: vLLM serves one model a
+    process, and each role's trained weights are a model of their own, so model k (k >= 1) has three, the
+    Generator's, the Extender's and the base model (self-instruct asks it in every iteration), each with its own
+    GPUs; the length-following model has its own weights under the Generator's name."""
+    cfg, port = run.config, run.cluster.inference.port
+    gen, ext = literal(cfg.models.generator), literal(cfg.models.extender)
+    if model == 0:  # the base model, also under its own name
+        return [ServedPart("vllm", "http", port, literal(served_model(run)), (gen, ext, BASE_MODEL_NAME))]
+    if cfg.training.mode != "full":  # the base model plus both adapters (see serving_deployment)
+        return [ServedPart("vllm", "http", port, literal(served_model(run)), (BASE_MODEL_NAME,))]
+    parts = [ServedPart("vllm", "http", port, f"{ADAPTERS_DIR}/generator", (gen,))]
+    if model != LF_MODEL:
+        parts += [ServedPart("vllm-extender", "http-extender", port + 1, f"{ADAPTERS_DIR}/extender", (ext,)),
+                  ServedPart("vllm-base", "http-base", port + 2, literal(served_model(run)), (BASE_MODEL_NAME,))]
+    return parts
 
 
 def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | None = None) -> dict:
@@ -281,23 +313,16 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
     `model` (or the length-following model, LF_MODEL), pulled from the store by an init container."""
     inf, cfg = run.cluster.inference, run.config
     name = deployment_name(run.name, model, attempt)
-    roles = (cfg.models.generator, cfg.models.extender)
     init: list[dict] = []
     mounts = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "hf-cache", "mountPath": HF_HOME}]
     volumes = [_shm(inf.shm_size), _cache_volume(run)]
-    full = cfg.training.mode == "full"
-    roles = tuple(literal(r) for r in roles)
-    if model == 0:  # the base model, also under its own name (self-instruct asks it in every iteration)
-        args = [literal(served_model(run)), "--served-model-name", *roles, BASE_MODEL_NAME]
-    elif full:
-        # Full fine-tuning (one iteration only): the trained Generator, also under the Extender's name.
-        args = [f"{ADAPTERS_DIR}/generator", "--served-model-name", *roles]
-    else:
+    lora: list[str] = []
+    if model > 0 and cfg.training.mode != "full":
+        roles = (literal(cfg.models.generator), literal(cfg.models.extender))
         adapters = [f"{roles[0]}={ADAPTERS_DIR}/generator", f"{roles[1]}={ADAPTERS_DIR}/extender"]
         # --max-loras: adapters in one batch (vLLM's default 1 would serialize the Generator and the Extender)
-        args = [literal(served_model(run)), "--served-model-name", BASE_MODEL_NAME, "--enable-lora",
-                "--max-lora-rank", str(max_lora_rank(cfg.training.lora.rank)), "--max-loras", str(len(adapters)),
-                "--lora-modules", *adapters]
+        lora = ["--enable-lora", "--max-lora-rank", str(max_lora_rank(cfg.training.lora.rank)), "--max-loras",
+                str(len(adapters)), "--lora-modules", *adapters]
     if model > 0:
         pairs = [f"{literal(prefix)}={ADAPTERS_DIR}/{role}" for role, prefix in served_prefixes(run, model).items()]
         fetch_cmd = ["python", "-m", "selflengthen.operator.fetch", "--storage", literal(cfg.storage.uri)]
@@ -308,31 +333,41 @@ def serving_deployment(run: Run, model: int, attempt: int, *, replicas: int | No
                                resources=_resources(inf, resources=inf.fetch_resources)))
         volumes.append({"name": "adapters", "emptyDir": {}})
         mounts.append({"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True})
-    args += ["--host", "0.0.0.0", "--port", str(inf.port), "--tensor-parallel-size", str(inf.tensor_parallel_size),
-             "--gpu-memory-utilization", str(inf.gpu_memory_utilization)]
-    if inf.max_model_len:
-        args += ["--max-model-len", str(inf.max_model_len)]
-    args += [literal(a) for a in inf.extra_args]
-    env = hf_env(run)
-    if inf.model_cache_claim:  # compile caches kept on the claim across iterations (operator/compile_cache.py)
-        init += compile_cache_containers(run, args)
-        volumes.append({"name": "compile-cache", "emptyDir": {}})
-        mounts.append({"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR})
-        env += compile_cache_env()
-    http = {"path": "/health", "port": "http"}
-    period = 10
-    container = _container(run, "vllm", inf.image, ["vllm", "serve", *args], env=env, mounts=mounts,
-                           resources=_resources(inf, inf.tensor_parallel_size))
-    container["ports"] = [{"name": "http", "containerPort": inf.port, "protocol": "TCP"}]
-    container["startupProbe"] = {"httpGet": http, "periodSeconds": period, "timeoutSeconds": 5,
-                                 "failureThreshold": max(1, math.ceil(inf.startup_timeout_seconds / period))}
-    container["readinessProbe"] = {"httpGet": http, "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3}
-    container["livenessProbe"] = {"httpGet": http, "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 3}
+    containers = []
+    for i, part in enumerate(served_parts(run, model)):
+        args = [part.weights, "--served-model-name", *part.names, *lora,
+                "--host", "0.0.0.0", "--port", str(part.port),
+                "--tensor-parallel-size", str(inf.tensor_parallel_size),
+                "--gpu-memory-utilization", str(inf.gpu_memory_utilization)]
+        if inf.max_model_len:
+            args += ["--max-model-len", str(inf.max_model_len)]
+        args += [literal(a) for a in inf.extra_args]
+        env = hf_env(run)
+        # compile caches kept on the claim across iterations (operator/compile_cache.py): the first server's only
+        # (with full fine-tuning the others compile cold; one pod directory written by several would race)
+        if inf.model_cache_claim and i == 0:
+            init += compile_cache_containers(run, args)
+            volumes.append({"name": "compile-cache", "emptyDir": {}})
+            env += compile_cache_env()
+        period = 10
+        http = {"path": "/health", "port": part.port_name}
+        own_mounts = mounts + ([{"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR}]
+                               if inf.model_cache_claim and i == 0 else [])
+        container = _container(run, part.container, inf.image, ["vllm", "serve", *args], env=env,
+                               mounts=own_mounts, resources=_resources(inf, inf.tensor_parallel_size))
+        container["ports"] = [{"name": part.port_name, "containerPort": part.port, "protocol": "TCP"}]
+        container["startupProbe"] = {"httpGet": http, "periodSeconds": period, "timeoutSeconds": 5,
+                                     "failureThreshold": max(1, math.ceil(inf.startup_timeout_seconds / period))}
+        container["readinessProbe"] = {"httpGet": http, "periodSeconds": 5, "timeoutSeconds": 5,
+                                       "failureThreshold": 3}
+        container["livenessProbe"] = {"httpGet": http, "periodSeconds": 20, "timeoutSeconds": 10,
+                                      "failureThreshold": 3}
+        containers.append(container)
     pod_labels = labels(run, "inference", model=model, attempt=attempt)
     meta = _meta(run, name, "inference", model=model, attempt=attempt)
     if run.cluster.scheduling.queue_name:
         meta["labels"][KUEUE_LABEL] = run.cluster.scheduling.queue_name
-    pod = _pod_spec(run, [container], role=inf, restart="Always", volumes=volumes, init_containers=init)
+    pod = _pod_spec(run, containers, role=inf, restart="Always", volumes=volumes, init_containers=init)
     pod["terminationGracePeriodSeconds"] = 30
     return {
         "apiVersion": "apps/v1",
@@ -387,22 +422,36 @@ def serving_service(run: Run, model: int) -> dict:
         "spec": {
             "type": "ClusterIP",
             "selector": {LABEL_RUN: run.name, LABEL_MODEL: str(model), LABEL_COMPONENT: "inference"},
-            "ports": [{"name": "http", "port": run.cluster.inference.port, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [{"name": p.port_name, "port": p.port, "targetPort": p.port_name, "protocol": "TCP"}
+                      for p in served_parts(run, model)],
         },
     }
 
 
+def _url(run: Run, model: int, port: int) -> str:
+    return f"http://{serving_name(run.name, model)}.{run.namespace}.svc:{port}/v1"
+
+
 def endpoint(run: Run, model: int) -> str:
-    return f"http://{serving_name(run.name, model)}.{run.namespace}.svc:{run.cluster.inference.port}/v1"
+    """The stages' endpoint for model `model`: its (first) server's."""
+    return _url(run, model, served_parts(run, model)[0].port)
+
+
+def model_endpoints(run: Run, model: int) -> dict[str, str]:
+    """The served names of model `model` that are not at endpoint() (full fine-tuning), with their URLs."""
+    return {name: _url(run, model, part.port) for part in served_parts(run, model)[1:] for name in part.names}
 
 
 # -- stage Jobs -------------------------------------------------------------------------------------------------------
 
 
-def _stage_command(stage: str, iteration: int, endpoint_url: str | None) -> list[str]:
+def _stage_command(stage: str, iteration: int, endpoint_url: str | None,
+                   routes: dict[str, str] | None = None) -> list[str]:
     cmd = ["stage", stage, "--config", CONFIG_FILE, "--iteration", str(iteration), "--metrics-port", str(METRICS_PORT)]
     if endpoint_url:
         cmd += ["--endpoint", endpoint_url]
+    for name, url in sorted((routes or {}).items()):  # full fine-tuning: the models served elsewhere in the pod
+        cmd += ["--model-endpoint", f"{name}={url}"]
     return cmd
 
 
@@ -441,7 +490,7 @@ def _config_volume(run: Run) -> dict:
 
 
 def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_url: str | None = None,
-              suspend: bool = False) -> dict:
+              routes: dict[str, str] | None = None, suspend: bool = False) -> dict:
     """A Job running `selflengthen stage STAGE` (data stages, build-sft, the evaluations, collect): CPU only."""
     needs_server = stage in DATA_STAGES or stage in (EVAL_STAGE, COLLECT_STAGE, LF_EVAL_STAGE)
     if needs_server and not endpoint_url:
@@ -456,7 +505,7 @@ def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_ur
                 for e in run.cluster.secret_env]
     jobs = run.cluster.cpu_jobs
     container = _container(run, "stage", run.cluster.image,
-                           ["selflengthen", *_stage_command(stage, iteration, endpoint_url)],
+                           ["selflengthen", *_stage_command(stage, iteration, endpoint_url, routes)],
                            env=env, mounts=mounts, resources=_resources(jobs))
     container["ports"] = [_metrics_port()]
     pod = _pod_spec(run, [container], role=jobs, restart="Never",

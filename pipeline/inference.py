@@ -652,6 +652,32 @@ class InferenceClient:
         return delay
 
 
+class RoutedClient:
+    """Chat requests routed by model name: with full fine-tuning every role's weights are a model of their own,
+    and vLLM serves one model a server, so the Generator, the Extender and the base model answer at different
+    endpoints. `routes` maps a served name to its client; names not in it go to `default`. Each distinct endpoint
+    has one client (its own concurrency, retries and context budget)."""
+
+    def __init__(self, default: InferenceClient, routes: dict[str, InferenceClient]):
+        self.default, self.routes = default, dict(routes)
+
+    def client_for(self, model: str) -> InferenceClient:
+        return self.routes.get(model, self.default)
+
+    async def chat(self, model: str, messages: list[dict], sampling: Sampling, **kwargs) -> Generation:
+        return await self.client_for(model).chat(model, messages, sampling, **kwargs)
+
+    async def __aenter__(self) -> RoutedClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for client in {id(c): c for c in (self.default, *self.routes.values())}.values():
+            await client.aclose()
+
+
 # -- adaptive concurrency: a resizable limit, vLLM's gauges, the policy ---------------------------------------------
 
 class Limit:

@@ -23,7 +23,7 @@ from .models import conversion_pending, resolve_model
 from .progress import Progress
 from .report import read_markdown, refresh_report
 from .serving import VLLMServer
-from .stages import StageContext, StageError, iteration_stages, run_stage
+from .stages import StageContext, iteration_stages, run_stage
 from .store import Store, open_store
 from .tinymodel import TINY_URI, ensure_tiny_model, tiny_model_cached
 
@@ -51,74 +51,90 @@ class ServerSpec:
     lora: tuple[tuple[str, str], ...] = ()
 
 
-def server_spec(config: RunConfig, store: Store, stage: str, iteration: int, workdir: Path) -> ServerSpec:
-    """The server a generating stage needs. LoRA: the base model plus both roles' adapters on one server
-    (vLLM --enable-lora); full fine-tuning: the trained weights of the stage's role, served under its name."""
+def server_specs(config: RunConfig, store: Store, stage: str, iteration: int, workdir: Path) -> tuple[ServerSpec, ...]:
+    """The servers a generating stage needs. LoRA: one, the base model plus both roles' adapters (vLLM
+    --enable-lora); full fine-tuning: one a model the stage asks (vLLM serves one model a process), each role's
+    own trained weights under its name and the base model's under its own (collect asks the Generator and the
+    Extender: two servers, the client routes by model name)."""
     from .training import LENGTH_FOLLOWING, fetch_trained_model
 
     models, served = config.models, stage_table.stage(stage).models
     if served == "length-following":  # the length-following model under the Generator's name
         trained = fetch_trained_model(config, store, iteration, LENGTH_FOLLOWING, workdir)
         if trained.mode == "lora":
-            return ServerSpec(resolve_model(models.base), ("base",), ((models.generator, str(trained.path.resolve())),))
-        return ServerSpec(str(trained.path.resolve()), (models.generator,))
+            return (ServerSpec(resolve_model(models.base), ("base",),
+                               ((models.generator, str(trained.path.resolve())),)),)
+        return (ServerSpec(str(trained.path.resolve()), (models.generator,)),)
     model_iteration = iteration if served == "current" else iteration - 1
     if model_iteration == 0:
-        return ServerSpec(resolve_model(models.base), (models.generator, models.extender, BASE_MODEL_NAME))
+        return (ServerSpec(resolve_model(models.base), (models.generator, models.extender, BASE_MODEL_NAME)),)
     if config.training.mode == "lora":
         adapters = tuple(
             (getattr(models, role),
              str(fetch_trained_model(config, store, model_iteration, role, workdir).path.resolve()))
             for role in ("generator", "extender")
         )
-        return ServerSpec(resolve_model(models.base), (BASE_MODEL_NAME,), adapters)
-    roles = roles_of(config, stage)
-    if roles == ("base",):  # full fine-tuning: the base model's own weights, under its own name
-        return ServerSpec(resolve_model(models.base), (BASE_MODEL_NAME,))
-    if len(roles) > 1:
-        raise StageError(f"stage {stage} needs the Generator and the Extender at once, which one local server of "
-                         f"fully fine-tuned weights cannot serve: set collect.extend false, or models.endpoint")
-    trained = fetch_trained_model(config, store, model_iteration, roles[0], workdir)
-    return ServerSpec(str(trained.path.resolve()), (getattr(models, roles[0]),))
+        return (ServerSpec(resolve_model(models.base), (BASE_MODEL_NAME,), adapters),)
+    specs = []
+    for role in roles_of(config, stage):
+        if role == "base":  # the base model's own weights, under its own name
+            specs.append(ServerSpec(resolve_model(models.base), (BASE_MODEL_NAME,)))
+        else:
+            trained = fetch_trained_model(config, store, model_iteration, role, workdir)
+            specs.append(ServerSpec(str(trained.path.resolve()), (getattr(models, role),)))
+    return tuple(specs)
 
 
 class Endpoints:
-    """The inference server of the stage at hand: the configured endpoint, or a local vLLM server started for
-    the models the stage needs (restarted only when they change; stopped for training and on exit)."""
+    """The inference servers of the stage at hand: the configured endpoint, or local vLLM servers started for the
+    models the stage needs (restarted only when they change; stopped for training and on exit). `endpoint` is the
+    first server's; `routes` maps the served names of the others to theirs (full fine-tuning, collect)."""
 
     def __init__(self, config: RunConfig, store: Store, workdir: Path):
         self.config, self.store, self.workdir = config, store, workdir
-        self.spec: ServerSpec | None = None
-        self.server: VLLMServer | None = None
+        self.specs: tuple[ServerSpec, ...] = ()
+        self.servers: list[VLLMServer] = []
+        self.routes: dict[str, str] = {}
         self.progress = Progress(False)
+
+    @property
+    def server(self) -> VLLMServer | None:
+        return self.servers[0] if self.servers else None
 
     def for_stage(self, stage: str, iteration: int) -> str:
         if self.config.models.endpoint:
             return self.config.models.endpoint
-        spec = server_spec(self.config, self.store, stage, iteration, self.workdir)
-        if spec != self.spec:
+        specs = server_specs(self.config, self.store, stage, iteration, self.workdir)
+        if specs != self.specs:
             self.stop()
-            local = self.config.local
-            server = VLLMServer(
-                spec.model, served_names=list(spec.names), lora_modules=dict(spec.lora) or None,
-                port=local.port, max_model_len=local.max_model_len, kv_cache_gib=local.kv_cache_gib,
-                startup_timeout=local.startup_timeout_seconds, extra_args=local.extra_args, workdir=self.workdir,
-                max_lora_rank=self.config.training.lora.rank, dtype=local.dtype,
-            )
-            adapters = f" with adapters {', '.join(n for n, _ in spec.lora)}" if spec.lora else ""
-            log.info("starting vLLM server for %s%s (log: %s)", spec.model, adapters, server.log_path)
-            with self.progress.step(f"starting vLLM{adapters} (about a minute on 2 cores; longer the first time)"):
-                self.server = server.start()
-            self.spec = spec
-        return self.server.endpoint
+            for i, spec in enumerate(specs):
+                self.servers.append(self.start(spec, self.config.local.port if i == 0 else 0))
+            self.specs = specs
+            self.routes = {name: server.endpoint for spec, server in zip(specs[1:], self.servers[1:], strict=True)
+                           for name in spec.names}
+        return self.servers[0].endpoint
+
+    def start(self, spec: ServerSpec, port: int) -> VLLMServer:
+        local = self.config.local
+        server = VLLMServer(
+            spec.model, served_names=list(spec.names), lora_modules=dict(spec.lora) or None,
+            port=port, max_model_len=local.max_model_len, kv_cache_gib=local.kv_cache_gib,
+            startup_timeout=local.startup_timeout_seconds, extra_args=local.extra_args, workdir=self.workdir,
+            max_lora_rank=self.config.training.lora.rank, dtype=local.dtype,
+        )
+        adapters = f" with adapters {', '.join(n for n, _ in spec.lora)}" if spec.lora else ""
+        log.info("starting vLLM server for %s as %s%s (log: %s)", spec.model, ", ".join(spec.names), adapters,
+                 server.log_path)
+        with self.progress.step(f"starting vLLM{adapters} (about a minute on 2 cores; longer the first time)"):
+            return server.start()
 
     def gone(self) -> str | None:
-        return self.server.gone() if self.server is not None else None
+        return next((why for why in (s.gone() for s in self.servers) if why), None)
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        self.server, self.spec = None, None
+        for server in self.servers:
+            server.stop()
+        self.servers, self.specs, self.routes = [], (), {}
 
 
 def run_local(
@@ -168,6 +184,7 @@ def run_local(
                     if stage_table.stage(stage).served:
                         run_metrics.phase("Serving", iteration, stage)
                         ctx.endpoint = endpoints.for_stage(stage, iteration)
+                        ctx.model_endpoints = dict(endpoints.routes)
                         ctx.endpoint_gone = endpoints.gone
                     else:
                         endpoints.stop()  # training needs the memory (the GPUs, on a cluster)

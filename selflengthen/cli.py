@@ -37,6 +37,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_endpoints(values) -> dict[str, str]:
+    """--model-endpoint NAME=URL values: the served names that another server than --endpoint answers."""
+    from .pipeline.urls import check_http_url
+
+    out = {}
+    for value in values:
+        name, sep, url = value.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--model-endpoint {value!r}: NAME=URL wanted")
+        try:
+            out[name] = check_http_url(url, "--model-endpoint")
+        except ValueError as err:
+            raise ConfigError(f"--model-endpoint {name}: {err}") from None
+    return out
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     import json
 
@@ -53,7 +69,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if not 1 <= args.iteration <= config.iterations:
         raise ConfigError(f"--iteration {args.iteration}: between 1 and iterations ({config.iterations}) wanted")
     store = open_store(config.storage.uri, config.storage.endpoint_url)
-    ctx = StageContext(config=config, iteration=args.iteration, store=store, endpoint=config.models.endpoint)
+    ctx = StageContext(config=config, iteration=args.iteration, store=store, endpoint=config.models.endpoint,
+                       model_endpoints=_model_endpoints(args.model_endpoint or ()))
     manifest = run_stage(args.name, ctx)
     # The iteration's report, refreshed after every stage: the last Job of an iteration leaves it complete.
     # stdout carries the manifest only (callers parse it); the report's keys go to the log.
@@ -115,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--config", required=True)
     stage.add_argument("--iteration", type=int, required=True)
     stage.add_argument("--endpoint", help="OpenAI-compatible server for generating stages")
+    stage.add_argument("--model-endpoint", action="append", metavar="NAME=URL",
+                       help="the server of the model served as NAME, when not --endpoint (repeatable)")
     stage.add_argument("--storage", help="override storage.uri")
     stage.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
     # A Job's pod serves its metrics to Prometheus on the pod IP: all interfaces, on purpose.

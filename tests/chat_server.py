@@ -1,7 +1,8 @@
 """A small deterministic OpenAI-compatible chat server on loopback for stage tests: the reply to each
 /v1/chat/completions request is `reply(body)` (a function of the request, so runs are reproducible).
 
-As strict as vLLM where the pipeline depends on it (the strictest of its versions): a context of `context` tokens,
+As strict as vLLM where the pipeline depends on it (the strictest of its versions): it serves the names in `models`
+only (any other is answered 404, as vLLM answers a model it does not serve); a context of `context` tokens,
 listed as `max_model_len` in /v1/models; a request whose prompt plus max_tokens exceeds it is answered 400 with
 vLLM's wording; /tokenize (beside /v1, as vLLM's) counts a chat prompt; replies end at the first stop string and
 are cut at max_tokens (finish_reason "length"). Tokens are a toy tokenizer's: each CJK character, each run of
@@ -49,9 +50,11 @@ class Refused(Exception):
 
 
 class ChatServer:
-    def __init__(self, reply: Callable[[dict], str], *, context: int = 32768):
+    def __init__(self, reply: Callable[[dict], str], *, context: int = 32768,
+                 models: tuple[str, ...] = ("generator", "extender", "base")):
         self.reply = reply
         self.context = context
+        self.models = models  # the served names; a request for another model is answered 404, as vLLM does
         self.requests: list[dict] = []
         self.refusals: list[str] = []  # messages of the 400s answered
         self.lock = threading.Lock()
@@ -66,12 +69,16 @@ class ChatServer:
             def do_GET(self):
                 server.send(self, 200, {"object": "list", "data": [
                     {"id": name, "object": "model", "max_model_len": server.context}
-                    for name in ("generator", "extender", "base")]})
+                    for name in server.models]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 with server.lock:
                     server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                if body.get("model") not in server.models:
+                    server.send(self, 404, {"object": "error", "message": f"The model `{body.get('model')}` does "
+                                            f"not exist.", "type": "NotFoundError", "param": "model", "code": 404})
+                    return
                 if self.path == "/tokenize":
                     server.send(self, 200, {"count": prompt_tokens(body), "max_model_len": server.context,
                                             "tokens": []})

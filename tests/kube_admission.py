@@ -212,9 +212,17 @@ def child_errors(obj: dict) -> list[tuple[str, str]]:
     if kind == "Service":
         out.extend(("spec.selector", m) for _, m in fmt.labels(spec.get("selector") or {}))
         ports = spec.get("ports") or []
+        names, numbers = set(), set()
         for i, port in enumerate(ports):
             if len(ports) > 1 and not port.get("name"):
                 out.append((f"spec.ports[{i}].name", "Required value"))
+            if port.get("name") and port["name"] in names:
+                out.append((f"spec.ports[{i}].name", f"Duplicate value: {port['name']!r}"))
+            number = (port.get("port"), port.get("protocol", "TCP"))
+            if number in numbers:
+                out.append((f"spec.ports[{i}]", f"Duplicate value: {{port: {number[0]}, protocol: {number[1]}}}"))
+            names.add(port.get("name"))
+            numbers.add(number)
     if kind in ("ConfigMap", "Secret"):
         for section in ("data", "binaryData", "stringData"):
             for key in obj.get(section) or {}:

@@ -445,7 +445,9 @@ def test_the_new_examples_exist_and_say_what_they_are():
     assert paper["selfInstruct"]["instructionsPerIteration"] == 5000 and paper["respond"][
         "samplesPerInstruction"] == 2
     multi = yaml.safe_load((ROOT / "examples" / "full-finetune-multinode.yaml").read_text())["spec"]
-    assert multi["training"]["mode"] == "full" and multi["training"]["nodes"] > 1 and multi["iterations"] == 1
+    assert multi["training"]["mode"] == "full" and multi["training"]["nodes"] > 1 and multi["iterations"] == 2
+    # three servers a replica (Generator, Extender, base), each with tensorParallelSize GPUs, fit the two nodes
+    assert 3 * multi["inference"]["replicas"] * multi["inference"]["tensorParallelSize"] <= 16
     tiny = yaml.safe_load((ROOT / "examples" / "tiny-cpu-kind.yaml").read_text())["spec"]
     assert tiny["inference"]["gpuResource"] == "cpu" and tiny["training"]["gpuResource"] == "cpu"
     secret = yaml.safe_load((ROOT / "examples" / "s3-credentials-secret.yaml").read_text())

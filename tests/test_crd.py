@@ -299,8 +299,8 @@ CEL_CASES = [
      "spec.models.base: Invalid value: tiny://, smollm2:// and gguf:// models exist on a laptop only"),
     ("words", with_path(S(), ["selfInstruct"], {"minWords": 10, "maxWords": 11}), None, "demo",
      "spec.selfInstruct.minWords: Invalid value: minWords must be at least 2 below maxWords"),
-    ("full-multi", {**S(), "iterations": 2, "training": {"mode": "full"}}, None, "demo",
-     "spec.training.mode: Invalid value: training.mode full supports iterations: 1 only"),
+    ("full-port", with_path({**S(), "iterations": 3, "training": {"mode": "full"}}, ["inference", "port"], 65534),
+     None, "demo", "spec.inference.port: Invalid value: inference.port: at most 65533 with training.mode full"),
     ("inference-gpu", with_path(S(), ["inference", "resources"], {"limits": {"nvidia.com/gpu": 4}}), None, "demo",
      "spec.inference.resources: Invalid value: resources must not set the GPU resource"),
     ("training-gpu", with_path(S(), ["training", "resources"], {"requests": {"nvidia.com/gpu": 8}}), None, "demo",
@@ -410,6 +410,14 @@ def test_cel_rule_refuses(case, spec, old, name, expected):
     if old is None and case not in ("name-long", "name-digit"):
         with pytest.raises(ConfigError):  # the operator refuses it too (a run applied before the CRD was)
             parse_spec(name, spec)
+
+
+def test_full_fine_tuning_is_admitted_for_every_iteration_count():
+    for iterations in (1, 2, 3):
+        spec = {**S(), "iterations": iterations, "training": {"mode": "full"}}
+        assert validate(manifest(spec, "demo"), None) == []
+        config, _ = parse_spec("demo", spec)
+        assert config.training.mode == "full" and config.iterations == iterations
 
 
 def test_every_cel_rule_has_a_refusing_case():

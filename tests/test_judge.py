@@ -99,7 +99,7 @@ def evaluate_ctx(tmp_path, stage_endpoint: str, **judge) -> StageContext:
 def test_judge_scores_each_answer_on_its_own_endpoint_with_the_key_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "sk-test-not-a-secret-123")
     judge = Judge()
-    with ChatServer(answer) as generator, ChatServer(judge) as judging:
+    with ChatServer(answer) as generator, ChatServer(judge, models=("grader",)) as judging:
         ctx = evaluate_ctx(tmp_path, generator.endpoint, endpoint=judging.endpoint, model="grader",
                            apiKeyEnv="JUDGE_KEY")
         manifest = run_stage("evaluate", ctx)
@@ -142,7 +142,7 @@ def test_judge_on_the_stage_endpoint_when_none_is_given(tmp_path):
     def both(body: dict) -> str:
         return judge(body) if body["model"] == "judge" else answer(body)
 
-    with ChatServer(both) as server:
+    with ChatServer(both, models=("generator", "judge")) as server:
         ctx = evaluate_ctx(tmp_path, server.endpoint)
         manifest = run_stage("evaluate", ctx)
         assert len(server.bodies("judge")) >= 12 and manifest["quality"]["model"] == "judge"

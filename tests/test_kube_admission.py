@@ -89,6 +89,10 @@ BAD = [
         restartPolicy="Always"), "spec.template.spec.containers[0].restartPolicy"),
     ("probe on an init container that is no sidecar", "CachedDeployment", lambda o: _pod(o)["initContainers"][0]
      .update(readinessProbe={"httpGet": {"path": "/", "port": 80}}), "spec.template.spec.initContainers[0]"),
+    ("Service port name twice", "Service", lambda o: o["spec"]["ports"].append(
+        {**o["spec"]["ports"][0], "port": 8001}), "spec.ports[1].name"),
+    ("Service port number twice", "Service", lambda o: o["spec"]["ports"].append(
+        {**o["spec"]["ports"][0], "name": "other"}), "spec.ports[1]"),
 ]
 
 

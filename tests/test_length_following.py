@@ -122,10 +122,10 @@ def test_length_following_continues_the_last_generator_on_the_mixed_set(trained)
 
 
 def test_the_runner_serves_the_length_following_model_as_the_generator(trained):
-    from selflengthen.pipeline.runner import phase_of, server_spec
+    from selflengthen.pipeline.runner import phase_of, server_specs
 
     root, ctx, _, _ = trained
-    spec = server_spec(ctx.config, ctx.store, "evaluate-length-following", 1, root / "serve")
+    [spec] = server_specs(ctx.config, ctx.store, "evaluate-length-following", 1, root / "serve")
     assert spec.names == ("base",) and [name for name, _ in spec.lora] == ["generator"]
     assert Path(spec.lora[0][1]).parts[-1] == "length-following"
     assert phase_of("evaluate-length-following") == "Evaluating" and phase_of("train-length-following") == "Training"

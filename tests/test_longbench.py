@@ -198,7 +198,7 @@ def test_judge_gives_sq_on_six_dimensions_and_longen_quality_on_seven_criteria(t
     def both(body: dict) -> str:
         return judge(body) if body["model"] == "judge" else generator(body)
 
-    with ChatServer(both) as server:
+    with ChatServer(both, models=("generator", "judge")) as server:
         ctx = stage_ctx(tmp_path, server.endpoint, judge={"enabled": True, "rubric": "seven-criteria"})
         manifest = run_stage("evaluate", ctx)
         judged = server.bodies("judge")

@@ -176,6 +176,50 @@ async def test_happy_path_two_iterations_from_apply_to_succeeded(cluster):
         assert all(e["involvedObject"]["name"] == "demo" for e in await cluster.events())
 
 
+async def test_full_fine_tuning_two_iterations_serves_each_role_from_its_own_checkpoint(cluster):
+    """Full fine-tuning, 2 iterations: iteration 2's data stages are served by iteration 1's models, each role's
+    vLLM loading that role's own checkpoint from the store, the base model beside them for self-instruct; each
+    Job is told where each model is. The API server validates every child as kube-apiserver would."""
+    async with operator(cluster):
+        await cluster.apply("demo", spec(training={"mode": "full"}))
+        await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving")
+        served, commands, ports = {}, {}, {}
+        while (st := await cluster.status()).get("phase") not in ("Succeeded", "Failed"):
+            child = current_child(st)
+            if st.get("phase") == "Serving" and child and child not in served:
+                dep = await cluster.get("Deployment", child)
+                if dep is not None:
+                    pod = dep["spec"]["template"]["spec"]
+                    served[child] = {
+                        "vllm": {c["name"]: (c["command"][2], c["command"][c["command"].index("--served-model-name")
+                                                                         + 1]) for c in pod["containers"]},
+                        "fetch": [a for c in pod.get("initContainers", []) for a in c["command"] if "=/" in a]}
+                    svc = await cluster.get("Service", child.rsplit("-a", 1)[0])
+                    ports[child] = [(p["name"], p["port"]) for p in svc["spec"]["ports"]]
+            if st.get("phase") == "Generating" and child and child not in commands:
+                job = await cluster.get("Job", child)
+                if job is not None:
+                    commands[child] = job["spec"]["template"]["spec"]["containers"][0]["command"]
+            await cluster.play()
+        assert (await cluster.status())["phase"] == "Succeeded"
+        assert served["demo-m00-vllm-a1"] == {"vllm": {"vllm": ("Qwen/Qwen2-7B-Instruct", "generator")},
+                                              "fetch": []}
+        assert served["demo-m01-vllm-a1"] == {
+            "vllm": {"vllm": ("/adapters/generator", "generator"), "vllm-extender": ("/adapters/extender", "extender"),
+                     "vllm-base": ("Qwen/Qwen2-7B-Instruct", "base")},
+            "fetch": ["demo/iter-01/train-generator/model=/adapters/generator",
+                      "demo/iter-01/train-extender/model=/adapters/extender"]}
+        for stage in ("self-instruct", "respond", "extend"):
+            cmd = commands[f"demo-i02-{stage}-a1"]
+            routes = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--model-endpoint"]
+            assert cmd[cmd.index("--endpoint") + 1] == "http://demo-m01-vllm.ml.svc:8000/v1"
+            assert routes == ["base=http://demo-m01-vllm.ml.svc:8002/v1",
+                              "extender=http://demo-m01-vllm.ml.svc:8001/v1"]
+            assert "--model-endpoint" not in commands[f"demo-i01-{stage}-a1"]  # the base model under every name
+        assert ports == {"demo-m00-vllm-a1": [("http", 8000)],
+                         "demo-m01-vllm-a1": [("http", 8000), ("http-extender", 8001), ("http-base", 8002)]}
+
+
 async def test_operator_restart_in_the_middle_of_every_stage(cluster):
     """Stop the operator in every step of a run and start a new one: it continues from the status and the
     store markers, adopts what exists, and makes no child twice."""

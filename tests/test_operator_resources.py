@@ -12,8 +12,8 @@ import yaml
 from kube_fixtures import make_run, spec
 from selflengthen.cli import build_parser
 from selflengthen.operator import resources as r
-from selflengthen.operator.spec import ALL_STAGES, DATA_STAGES, MAX_RUN_NAME, TRAIN_STAGES
-from selflengthen.pipeline.config import parse_config
+from selflengthen.operator.spec import ALL_STAGES, DATA_STAGES, LF_MODEL, MAX_RUN_NAME, TRAIN_STAGES
+from selflengthen.pipeline.config import ConfigError, parse_config
 from selflengthen.pipeline.stages import STAGES
 
 from job_controller import action, job_failed
@@ -32,16 +32,17 @@ VARIANTS = {
     "hf-token-and-cache": spec(inference={"hfTokenSecret": {"name": "hf", "key": "token"},
                                           "modelCacheClaim": "hf-cache", "maxModelLen": 32768,
                                           "extraArgs": ["--enable-prefix-caching"]}),
-    "full-one-iteration": spec(iterations=1, training={"mode": "full"}),
+    "full-two-iterations": spec(iterations=2, training={"mode": "full"}),
     "no-secret": {**spec(), "storage": {"uri": "s3://bucket-x/p", "endpointUrl": "http://minio.minio:9000"}},
 }
 
 
 def children(run: r.Run) -> list[dict]:
     out = [r.config_map(run), r.serving_service(run, 0), r.serving_deployment(run, 0, 1),
-           r.serving_deployment(run, 1, 2)]
+           r.serving_deployment(run, 1, 2), r.serving_service(run, 1)]
     for stage in DATA_STAGES:
         out.append(r.stage_job(run, 1, stage, 1, endpoint_url=r.endpoint(run, 0)))
+        out.append(r.stage_job(run, 2, stage, 1, endpoint_url=r.endpoint(run, 1), routes=r.model_endpoints(run, 1)))
     out.append(r.stage_job(run, 1, "build-sft", 1))
     out.append(r.stage_job(run, 1, "evaluate", 3, endpoint_url=r.endpoint(run, 1)))
     for stage in TRAIN_STAGES[1:]:
@@ -91,13 +92,19 @@ def _stage_args(job: dict) -> list[str]:
 
 
 def test_jobs_run_the_real_stage_command_with_the_mounted_config():
-    run = make_run(spec(training={"nodes": 2}))
+    from selflengthen.cli import _model_endpoints
+
     parser = build_parser()
-    for obj in children(run):
+    full = make_run(spec(iterations=2, training={"mode": "full", "nodes": 2}))
+    for obj in children(make_run(spec(training={"nodes": 2}))) + children(full):
         if obj["kind"] != "Job":
             continue
         args = parser.parse_args(_stage_args(obj))
-        assert args.command == "stage" and args.config == r.CONFIG_FILE and args.iteration == 1
+        assert args.command == "stage" and args.config == r.CONFIG_FILE
+        assert args.iteration == int(obj["metadata"]["labels"]["selflengthen.io/iteration"])
+        # full fine-tuning: the models of iteration 1 not at --endpoint, as the stage reads them
+        routes = r.model_endpoints(full, 1) if obj in children(full) and args.iteration == 2 else {}
+        assert _model_endpoints(args.model_endpoint or ()) == routes
         assert args.name in STAGES
         stage = obj["metadata"]["labels"]["selflengthen.io/stage"]
         assert args.name == stage
@@ -164,6 +171,52 @@ def test_vllm_deployment_serving_base_then_adapters():
     assert init["command"][:3] == ["python", "-m", "selflengthen.operator.fetch"]
     assert "demo/iter-01/train-generator/model=/adapters/generator" in init["command"]
     assert "demo/iter-01/train-extender/model=/adapters/extender" in init["command"]
+
+
+def test_full_fine_tuning_serves_each_role_from_its_own_weights_in_every_iteration():
+    run = make_run(spec(iterations=2, training={"mode": "full"}))
+    (base,) = r.serving_deployment(run, 0, 1)["spec"]["template"]["spec"]["containers"]  # iteration 1: the base
+    assert base["command"][2] == "Qwen/Qwen2-7B-Instruct"
+    for k in (1, 2):
+        pod = r.serving_deployment(run, k, 1)["spec"]["template"]["spec"]
+        by_name = {c["name"]: c for c in pod["containers"]}
+        assert sorted(by_name) == ["vllm", "vllm-base", "vllm-extender"]
+        served = {}
+        for c in pod["containers"]:
+            args = c["command"]
+            names = args[args.index("--served-model-name") + 1: args.index("--host")]
+            served[tuple(names)] = (args[2], int(args[args.index("--port") + 1]), c["ports"][0]["name"])
+            assert "--enable-lora" not in args and c["resources"]["limits"]["nvidia.com/gpu"] == 1  # GPUs each
+            assert c["readinessProbe"]["httpGet"]["port"] == c["ports"][0]["name"]
+        # each role's own trained weights, the base model under its own name, each on its own port
+        assert served == {("generator",): ("/adapters/generator", 8000, "http"),
+                          ("extender",): ("/adapters/extender", 8001, "http-extender"),
+                          ("base",): ("Qwen/Qwen2-7B-Instruct", 8002, "http-base")}
+        (init,) = pod["initContainers"]
+        assert f"demo/iter-{k:02d}/train-generator/model=/adapters/generator" in init["command"]
+        assert f"demo/iter-{k:02d}/train-extender/model=/adapters/extender" in init["command"]
+        svc = r.serving_service(run, k)
+        assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
+            ("http", 8000, "http"), ("http-extender", 8001, "http-extender"), ("http-base", 8002, "http-base")]
+        assert r.endpoint(run, k) == f"http://demo-m{k:02d}-vllm.ml.svc:8000/v1"
+        routes = r.model_endpoints(run, k)
+        assert routes == {"extender": f"http://demo-m{k:02d}-vllm.ml.svc:8001/v1",
+                          "base": f"http://demo-m{k:02d}-vllm.ml.svc:8002/v1"}
+        cmd = r.stage_job(run, 2, "extend", 1, endpoint_url=r.endpoint(run, k), routes=routes)[
+            "spec"]["template"]["spec"]["containers"][0]["command"]
+        assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--model-endpoint"] == [
+            f"base=http://demo-m{k:02d}-vllm.ml.svc:8002/v1", f"extender=http://demo-m{k:02d}-vllm.ml.svc:8001/v1"]
+    # the length-following model: its own weights as the Generator, nothing else
+    lf = r.serving_deployment(make_run(spec(iterations=2, training={"mode": "full"}, collect={"enabled": True},
+                                            lengthFollowing={"enabled": True})), LF_MODEL, 1)
+    (c,) = lf["spec"]["template"]["spec"]["containers"]
+    assert c["command"][2:5] == ["/adapters/generator", "--served-model-name", "generator"]
+    assert "demo/train-length-following/model=/adapters/generator" in lf["spec"]["template"]["spec"][
+        "initContainers"][0]["command"]
+    # LoRA: one server, no routes
+    assert r.model_endpoints(make_run(), 1) == {} and len(r.serving_service(make_run(), 1)["spec"]["ports"]) == 1
+    with pytest.raises(ConfigError, match="inference.port: at most 65533 with training.mode full"):
+        make_run(spec(iterations=2, training={"mode": "full"}, inference={"port": 65534}))
 
 
 def test_multi_node_training_is_an_indexed_job_with_torchrun_rendezvous():

@@ -64,6 +64,8 @@ class StageContext:
     iteration: int
     store: Store
     endpoint: str | None = None  # OpenAI-compatible base URL for stages that generate
+    # served name -> base URL, for the models not at `endpoint` (full fine-tuning: a server per role's weights)
+    model_endpoints: dict[str, str] = field(default_factory=dict)
     endpoint_gone: Callable[[], str | None] | None = None  # why a server we started has exited (None: running)
     api_key: str | None = field(default=None, repr=False)
     progress: Callable[[str, int, int], None] | None = None  # (stage, done, total)

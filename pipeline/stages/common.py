@@ -10,21 +10,33 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from ..artifacts import StageArtifacts
-from ..inference import InferenceClient, InferenceError
+from ..inference import InferenceClient, InferenceError, RoutedClient
 from ..text import check_response, count_words, drop_short_mask
 from . import StageContext, StageError
 
 
-def make_client(ctx: StageContext, salt: str) -> InferenceClient:
+def make_client(ctx: StageContext, salt: str) -> InferenceClient | RoutedClient:
+    """The stage's inference client: one for its endpoint, or (ctx.model_endpoints) one per endpoint, routed by
+    model name."""
     endpoint = ctx.endpoint or ctx.config.models.endpoint
     if not endpoint:
         raise StageError("no inference endpoint: set models.endpoint or let the local runner start a server")
     api_key = ctx.api_key
     if api_key is None and ctx.config.models.api_key_env:
         api_key = os.environ.get(ctx.config.models.api_key_env)
-    return InferenceClient(endpoint, ctx.config.client, api_key=api_key, seed=ctx.seed("client", salt),
-                           observe=ctx.metrics.client_observer(ctx.config.name, salt), alive=ctx.endpoint_gone,
-                           budget=True)
+
+    def client(url: str, *part: str) -> InferenceClient:
+        return InferenceClient(url, ctx.config.client, api_key=api_key, seed=ctx.seed("client", salt, *part),
+                               observe=ctx.metrics.client_observer(ctx.config.name, salt), alive=ctx.endpoint_gone,
+                               budget=True)
+
+    default = client(endpoint)
+    if not ctx.model_endpoints:
+        return default
+    by_url = {endpoint: default}
+    for url in sorted(set(ctx.model_endpoints.values())):
+        by_url.setdefault(url, client(url, url))
+    return RoutedClient(default, {name: by_url[url] for name, url in ctx.model_endpoints.items()})
 
 
 def chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
