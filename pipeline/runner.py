@@ -2,7 +2,8 @@
 
 It decides what to do next from the store's completion markers only, so a killed run, started again, resumes
 at the first unfinished stage. When the configuration names no inference endpoint it starts a vLLM server as
-a subprocess (the local stand-in for the operator's inference Deployment) and stops it on exit or Ctrl-C.
+a subprocess (the local stand-in for the operator's inference Deployment; with full fine-tuning one a model the
+stage asks) and stops it on exit or Ctrl-C.
 """
 
 from __future__ import annotations
