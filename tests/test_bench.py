@@ -116,6 +116,8 @@ def test_real_operator_drives_the_simulated_cluster_on_a_tiny_setting():
     w = dataclasses.replace(Workload(), instructions=12, eval_requests=4, train_tokens=2e6)
     a, b = (simulate(example_spec(), c, w, "connections", seed=1) for _ in range(2))
     assert a == b and a["phase"] == "Succeeded" and a["seconds"] >= a["boundSeconds"] > 0
+    # the example's gradientCheckpointing: auto, decided by the trainer's estimate: a 16k-token step needs it
+    assert a["spec"]["gradientCheckpointing"]["enabled"] is True
     steps = a["steps"]
     assert steps["bench-i02-evaluate-a1"]["start"] == steps["bench-i03-self-instruct-a1"]["start"]
     assert steps["bench-i03-build-sft-a1"]["start"] == steps["bench-m02-vllm-a1"]["scale-down"]
