@@ -28,6 +28,7 @@ import copy
 import datetime as dt
 from dataclasses import dataclass, field
 
+from ..pipeline import stage_table
 from ..pipeline.layout import stage_prefix
 from ..pipeline.urls import redact
 from .resources import (
@@ -54,12 +55,8 @@ from .resources import (
     training_service,
 )
 from .spec import (
-    COLLECT_STAGE,
-    DATA_STAGES,
     EVAL_STAGE,
-    LF_EVAL_STAGE,
     LF_MODEL,
-    LF_TRAIN_STAGE,
     SERVING,
     TRAIN_STAGES,
     run_steps,
@@ -215,20 +212,23 @@ def _failure_recorded(rec: dict, attempt: int) -> bool:
 
 
 def serving_key(stage: str) -> str | None:
-    """The serving pseudo-stage a stage needs the server of (its record key), None for build-sft and training."""
-    if stage in DATA_STAGES:
+    """The serving pseudo-stage a stage needs the server of (its record key), None for build-sft and training: one
+    per model a stage table entry is served (pipeline/stage_table.py)."""
+    models = stage_table.stage(stage).models
+    if models == "previous":
         return SERVING
-    if stage == LF_EVAL_STAGE:
-        return f"{LF_EVAL_STAGE}-{SERVING}"
-    if stage in (EVAL_STAGE, COLLECT_STAGE):  # collect reuses evaluate's server when evaluation ran
+    if models == "length-following":
+        return f"{stage}-{SERVING}"
+    if models == "current":  # collect reuses evaluate's server when evaluation ran
         return f"{EVAL_STAGE}-{SERVING}"
     return None
 
 
 def served_for(k: int, stage: str) -> int:
-    """The model a stage of iteration k asks: data stages those of iteration k-1, evaluate and collect those just
-    trained, the length-following evaluation that model."""
-    return k - 1 if stage in DATA_STAGES else LF_MODEL if stage == LF_EVAL_STAGE else k
+    """The model a stage of iteration k asks (stage_table: `models`): those of iteration k-1, those just trained,
+    or the length-following model."""
+    models = stage_table.stage(stage).models
+    return k - 1 if models == "previous" else LF_MODEL if models == "length-following" else k
 
 
 # -- the state machine --------------------------------------------------------------------------------------------
@@ -533,7 +533,7 @@ class _Reconciler:
         jobs = self.stage_jobs(k, stage)
         attempt = max([rec.get("attempts", 0), *jobs])
         job = jobs.get(attempt)
-        training = stage in (*TRAIN_STAGES[1:], LF_TRAIN_STAGE)
+        training = stage in stage_table.TRAINED_ROLE  # a training Job (GPUs, multi-node)
         if job is not None and _failure_recorded(rec, attempt):
             job = None  # a failed attempt, kept for its logs: the next attempt is due after the backoff
         if job is None:
@@ -622,14 +622,9 @@ class _Reconciler:
         else:
             degraded = ("False", "AsExpected", "no failure")
         old = {c["type"]: c for c in self.old.get("conditions") or []}
-        out = []
-        for ctype, (st, reason, message) in (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded)):
-            prev = old.get(ctype)
-            changed = not prev or prev.get("status") != st
-            out.append({"type": ctype, "status": st, "reason": reason, "message": _truncate(message),
-                        "lastTransitionTime": ts(self.now) if changed else prev.get("lastTransitionTime"),
-                        "observedGeneration": self.generation})
-        self.status["conditions"] = out
+        self.status["conditions"] = [
+            condition(old.get(ctype), ctype, *value, self.now, self.generation)
+            for ctype, value in (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded))]
 
     def reconcile(self) -> Plan:
         st = self.status
@@ -687,7 +682,7 @@ class _Reconciler:
                     st["stage"] = key
                 return self.finish()
             st["endpoint"] = endpoint(self.run, model)
-            st["phase"] = "Evaluating" if stage in (EVAL_STAGE, LF_EVAL_STAGE) else "Generating"
+            st["phase"] = stage_table.stage(stage).phase  # Generating or Evaluating
             for kk, ss in window:
                 # the same server: the record of the step's own iteration adopts it (no create, it is ready)
                 if st.get("phase") == "Failed" or (
@@ -800,6 +795,18 @@ class _Reconciler:
         return Plan(self.actions, build_status(self.status), self.events, requeue)
 
 
+def condition(prev: dict | None, ctype: str, status: str, reason: str, message: str, now: dt.datetime,
+              generation: int | None) -> dict:
+    """The condition `ctype` as it is now, from its previous value (KubeRay's and apimachinery's SetStatusCondition):
+    lastTransitionTime moves only when the status changes. Every condition the operator writes is made here."""
+    changed = not prev or prev.get("status") != status
+    out = {"type": ctype, "status": status, "reason": reason, "message": _truncate(message),
+           "lastTransitionTime": ts(now) if changed else prev.get("lastTransitionTime")}
+    if generation is not None:
+        out["observedGeneration"] = generation
+    return out
+
+
 def reconcile(run: Run, generation: int, status: dict | None, observed: Observed, now: dt.datetime) -> Plan:
     """The next actions for a run and its new status (see the module's docstring)."""
     return _Reconciler(run, generation, status or {}, observed, now).reconcile()
@@ -814,13 +821,8 @@ def invalid_spec(status: dict | None, generation: int, message: str, now: dt.dat
     st.update(phase="Failed", observedGeneration=generation, failureMessage=_truncate(message))
     st["lastFailure"] = {"reason": "InvalidSpec", "message": _truncate(message), "time": ts(now)}
     old = {c["type"]: c for c in st.get("conditions") or []}
-    conds = []
-    for ctype, value in (("Ready", "False"), ("Progressing", "False"), ("Degraded", "True")):
-        prev = old.get(ctype)
-        conds.append({"type": ctype, "status": value, "reason": "InvalidSpec", "message": _truncate(message),
-                      "lastTransitionTime": prev["lastTransitionTime"] if prev and prev.get("status") == value
-                      else ts(now), "observedGeneration": generation})
-    st["conditions"] = conds
+    st["conditions"] = [condition(old.get(ctype), ctype, value, "InvalidSpec", message, now, generation)
+                        for ctype, value in (("Ready", "False"), ("Progressing", "False"), ("Degraded", "True"))]
     return Plan([], build_status(st), events, None)
 
 
@@ -851,16 +853,11 @@ def child_rejected(plan: Plan, run: Run, generation: int, action: Action, code: 
         st["lastFailure"] = {"iteration": k, "stage": stage, "reason": CHILD_REJECTED, "message": _truncate(text),
                              "time": ts(now)}
         events.append(Event("Warning", "RunFailed", f"{text}; fix the spec (the run resumes when it changes)"))
-    conds = []
-    for c in st.get("conditions") or []:
-        c = dict(c)
-        if c["type"] == "Degraded" or (permanent and c["type"] in ("Ready", "Progressing")):
-            value = "True" if c["type"] == "Degraded" else "False"
-            if c.get("status") != value:
-                c["lastTransitionTime"] = ts(now)
-            c.update(status=value, reason=CHILD_REJECTED, message=_truncate(text))
-        conds.append(c)
-    st["conditions"] = conds
+    st["conditions"] = [
+        condition(c, c["type"], "True" if c["type"] == "Degraded" else "False", CHILD_REJECTED, text, now,
+                  c.get("observedGeneration"))
+        if c["type"] == "Degraded" or (permanent and c["type"] in ("Ready", "Progressing")) else c
+        for c in st.get("conditions") or []]
     delay = 1.0 if permanent else max(float(run.cluster.retry.backoff_seconds), 5.0)
     return Plan([], build_status(st), events, delay)
 

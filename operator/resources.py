@@ -19,10 +19,11 @@ import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+from ..pipeline import stage_table
 from ..pipeline.config import BASE_MODEL_NAME, RunConfig, dump_config
 from ..pipeline.layout import LENGTH_FOLLOWING, model_prefix
 from .crd import API_VERSION, KIND
-from .spec import COLLECT_STAGE, DATA_STAGES, EVAL_STAGE, LF_EVAL_STAGE, LF_MODEL, LF_TRAIN_STAGE, ClusterSpec
+from .spec import LF_EVAL_STAGE, LF_MODEL, LF_TRAIN_STAGE, ClusterSpec
 
 MANAGED_BY = "selflengthen-operator"
 LABEL_RUN = "selflengthen.io/run"
@@ -492,7 +493,7 @@ def _config_volume(run: Run) -> dict:
 def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_url: str | None = None,
               routes: dict[str, str] | None = None, suspend: bool = False) -> dict:
     """A Job running `selflengthen stage STAGE` (data stages, build-sft, the evaluations, collect): CPU only."""
-    needs_server = stage in DATA_STAGES or stage in (EVAL_STAGE, COLLECT_STAGE, LF_EVAL_STAGE)
+    needs_server = stage_table.stage(stage).served
     if needs_server and not endpoint_url:
         raise ValueError(f"stage {stage} needs the inference endpoint")
     name = job_name(run.name, iteration, stage, attempt)
@@ -510,7 +511,7 @@ def stage_job(run: Run, iteration: int, stage: str, attempt: int, *, endpoint_ur
     container["ports"] = [_metrics_port()]
     pod = _pod_spec(run, [container], role=jobs, restart="Never",
                     volumes=[_config_volume(run), {"name": "work", "emptyDir": {}}, _cache_volume(run)])
-    component = "evaluation" if stage in (EVAL_STAGE, LF_EVAL_STAGE) else "data"
+    component = "evaluation" if stage_table.stage(stage).phase == "Evaluating" else "data"
     return _job(run, name, component, iteration, stage, attempt, pod, suspend=suspend)
 
 

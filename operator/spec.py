@@ -14,8 +14,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from ..pipeline import stage_table
 from ..pipeline.config import ConfigError, RunConfig, _format_errors
-from ..pipeline.stages import DATA_STAGES, LENGTH_FOLLOWING_STAGES, TRAIN_STAGES, iteration_stages
+from ..pipeline.stage_table import DATA_STAGES, LENGTH_FOLLOWING_STAGES, TRAIN_STAGES
+from ..pipeline.stages import iteration_stages
 from ..pipeline.vllm_flags import check_extra_args, check_positional
 from ..pipeline.vllm_flags_table import OPTIONS
 from . import k8sformat
@@ -23,13 +25,12 @@ from . import k8sformat
 # RunConfig fields that are not part of the cluster spec (dotted snake_case paths).
 EXCLUDED_CONFIG_FIELDS = ("name", "local", "models.endpoint", "models.api_key_env")
 
-# Stages of one macro-iteration, in order (pipeline/stages: the contract both orchestrators run). The data stages
-# need the inference server.
-EVAL_STAGE = "evaluate"
-COLLECT_STAGE = "collect"  # optional, once after the last iteration, with that iteration's models (collect.enabled)
+# The stages, in order, and what each needs: pipeline/stage_table.py (the contract both orchestrators run).
+EVAL_STAGE = stage_table.EVALUATE_STAGE
+COLLECT_STAGE = stage_table.COLLECT_STAGE  # once after the last iteration, with its models (collect.enabled)
 # optional, after collect (lengthFollowing.enabled): a training Job, then an evaluation served by its model
 LF_TRAIN_STAGE, LF_EVAL_STAGE = LENGTH_FOLLOWING_STAGES
-ALL_STAGES = (*DATA_STAGES, *TRAIN_STAGES, EVAL_STAGE, COLLECT_STAGE, *LENGTH_FOLLOWING_STAGES)
+ALL_STAGES = stage_table.NAMES
 # The model index of the length-following model, served for its evaluation (iterations' models are 0..100).
 LF_MODEL = 101
 SERVING = "serving"  # the pseudo-stage of bringing the vLLM server up (retried and timed like a stage)
