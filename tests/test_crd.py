@@ -387,7 +387,7 @@ CEL_CASES = [
 
 # The rules across fields, which the pipeline's own model (RunConfig, ClusterSpec: field by field) does not make: the
 # operator has them from the CRD only. (The others are refused by the model first, with its own message.)
-CROSS_FIELD_RULES = ("storage-file", "tiny-model", "packaged-model", "gguf-model", "full-multi", "inference-gpu",
+CROSS_FIELD_RULES = ("storage-file", "tiny-model", "packaged-model", "gguf-model", "inference-gpu",
                      "training-gpu", "vllm-flags", "retry-stage", "deadline-stages", "retry-backoff",
                      "toleration-exists-value", "toleration-no-key", "toleration-seconds", "vllm-flags-underscore",
                      "vllm-flags-short", "vllm-api-key", "inference-model-flag")
