@@ -20,7 +20,9 @@ The length-following stage (after the last iteration, stages/train_length_follow
 `length-following` the same way: the last iteration's Generator continued on collect's length-demand data mixed
 with that iteration's Generator set (lengthFollowing.generatorSetFraction of it), under <run>/train-length-following/.
 
-Its store keys (the checkpoints, the model, train-log.jsonl) are pipeline/layout.py's.
+Its store keys (the checkpoints, the model, train-log.jsonl) are pipeline/layout.py's; the data encoding is
+training_data.py, the collator training_collator.py, the callbacks training_callbacks.py, the TrainingArguments
+training_args.py (TrainerSettings), the stored checkpoints and models trained_models.py.
 """
 
 from __future__ import annotations
@@ -28,21 +30,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig
 from .layout import (
-    CHECKPOINT,
     LENGTH_FOLLOWING,
-    PART,
     ROLES,
     checkpoint_prefix,
-    checkpoints_prefix,
     collect_prefix,
     model_prefix,
     sft_set_prefix,
@@ -51,17 +47,21 @@ from .layout import (
 from .layout import training_stage as stage_name
 from .models import resolve_model
 from .store import Store, dumps_jsonl, read_jsonl
+from .trained_models import TrainedModel, fetch_trained_model, stored_checkpoints, workdir_root
+from .training_args import TrainerSettings
+from .training_args import precision as resolve_precision
+from .training_callbacks import callback_classes, metrics_observer
+from .training_collator import PadCollator
+from .training_data import IGNORE_INDEX, TrainingError, encode_conversation, fit_cutoff, load_examples
 from .treestore import delete_tree, download_tree, tree_complete, tree_manifest, upload_tree
 
 log = logging.getLogger("selflengthen.train")
-# the names of the roles' models, for the modules that serve them (the runner) and the tests
-__all__ = ["LENGTH_FOLLOWING", "ROLES", "TrainingError", "fetch_trained_model", "model_prefix", "stored_checkpoints",
-           "train_role", "train_stage"]
-IGNORE_INDEX = -100
-
-
-class TrainingError(RuntimeError):
-    pass
+# The training stages' names in one place for those who call them (the runner, bench, the tests); each concern has
+# its module: training_data (encoding), training_collator, training_callbacks, training_args (TrainingArguments),
+# trained_models (the store's checkpoints and models), layout (the keys).
+__all__ = ["IGNORE_INDEX", "LENGTH_FOLLOWING", "ROLES", "PadCollator", "TrainedModel", "TrainingError",
+           "encode_conversation", "fetch_trained_model", "fit_cutoff", "load_examples", "model_prefix",
+           "stored_checkpoints", "train_role", "train_stage"]
 
 
 # -- what a role reads and writes in the store (the keys: pipeline/layout.py) ---------------------------------------
@@ -84,294 +84,13 @@ def data_sources(config: RunConfig, iteration: int, role: str) -> list[tuple[str
     return [(sft_set_prefix(run, iteration, role), 1.0)]
 
 
-def stored_checkpoints(store: Store, run: str, iteration: int, role: str) -> list[int]:
-    """Steps of the complete checkpoints in the store, ascending."""
-    keys = store.list(checkpoints_prefix(run, iteration, role))
-    return sorted(int(m.group(1)) for k in keys if (m := CHECKPOINT.search("/" + k)))
-
-
-def workdir_root() -> Path:
-    return Path(os.environ.get("SELFLENGTHEN_WORKDIR", ".selflengthen"))
-
-
 def local_dir(run: str, iteration: int, role: str, workdir: Path | None = None) -> Path:
     if role == LENGTH_FOLLOWING:
         return (workdir or workdir_root()) / "train" / run / role
     return (workdir or workdir_root()) / "train" / run / f"iter-{iteration:02d}" / role
 
 
-# -- trained models, for serving ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    path: Path  # local directory: a peft adapter (mode lora) or a whole model with its tokenizer (mode full)
-    mode: str  # "lora" | "full"
-    base: str  # the base model reference the adapter applies to (config models.base), resolved to a local path
-    uri: str  # where it lives in the store
-
-
-def fetch_trained_model(
-    config: RunConfig, store: Store, iteration: int, role: str, workdir: Path | None = None
-) -> TrainedModel:
-    """A local copy of the model trained for `role` in `iteration` (downloaded once; reused while unchanged).
-    For LoRA it is the adapter directory (serve with vLLM --enable-lora --lora-modules NAME=PATH over `base`);
-    for full fine-tuning it is the whole model directory (serve it as the model)."""
-    prefix = model_prefix(config.name, iteration, role)
-    if not tree_complete(store, prefix):
-        raise TrainingError(f"no trained {role} model for iteration {iteration} at {store.uri}/{prefix}")
-    meta = tree_manifest(store, prefix)
-    dest = (workdir or workdir_root()) / "models" / config.name / f"iter-{iteration:02d}" / role
-    path = download_tree(store, prefix, dest)
-    mode = meta.get("mode", "lora")
-    base = resolve_model(config.models.base) if mode == "lora" else str(path)
-    return TrainedModel(path=path, mode=mode, base=base, uri=f"{store.uri}/{prefix}")
-
-
-# -- data -------------------------------------------------------------------------------------------------------------
-
-
-def encode_conversation(tokenizer, messages: list[dict], cutoff: int | None = None) -> dict | None:
-    """Token ids of the conversation rendered by the tokenizer's chat template, and labels that equal the ids on
-    the assistant turns (their content and the template's end-of-turn after it) and IGNORE_INDEX elsewhere.
-
-    Each assistant turn spans from the end of the rendering of the messages before it with the generation prompt
-    to the end of the rendering that includes it; character offsets map those spans onto tokens, so a token merge
-    across the boundary cannot shift the mask. With `cutoff`, fit_cutoff applies (the answer is never cut); None
-    when the conversation has no label or does not fit. `prompt_span` is the token range of the content of the
-    user turn before the first answer: the part fit_cutoff may shorten."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not full.startswith(before) or not full.startswith(upto):
-            raise TrainingError("the chat template does not render conversations prefix by prefix; cannot mask")
-        spans.append((len(before), len(upto)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    offsets = enc["offset_mapping"]
-    labels = [IGNORE_INDEX] * len(ids)
-    for t, (start, _end) in enumerate(offsets):
-        if any(a <= start < b for a, b in spans):
-            labels[t] = ids[t]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None
-    # the user content before the first answer, located in the rendering (its last occurrence before the answer)
-    first = spans[0][0]
-    users = [m for m in messages[: next(i for i, m in enumerate(messages) if m["role"] == "assistant")]
-             if m["role"] == "user" and m.get("content")]
-    span = (0, 0)
-    if users:
-        start = full.rfind(users[-1]["content"], 0, first)
-        if start >= 0:
-            end = start + len(users[-1]["content"])
-            inside = [t for t, (a, _b) in enumerate(offsets) if start <= a < end]
-            span = (inside[0], inside[-1] + 1) if inside else (0, 0)
-    ex = {"input_ids": ids, "labels": labels, "prompt_span": span}
-    return fit_cutoff(ex, cutoff)[0] if cutoff else ex
-
-
-def fit_cutoff(ex: dict, cutoff: int) -> tuple[dict | None, str]:
-    """An example of at most `cutoff` tokens whose answer is whole (with its end-of-turn): the reference's
-    truncation cut the longest answers, the very examples the method exists for. Returns (example, outcome):
-    "fits"; "prompt-cut", the end of the user content removed (for the Extender set, the end of the initial
-    answer it is shown; one content token at least is kept); "dropped" (None) when even that cannot fit."""
-    ids, labels = ex["input_ids"], ex["labels"]
-    excess = len(ids) - cutoff
-    if excess <= 0:
-        return ex, "fits"
-    a, b = ex.get("prompt_span", (0, 0))
-    if b - a - excess < 1:
-        return None, "dropped"
-    keep = lambda seq: list(seq[: b - excess]) + list(seq[b:])  # noqa: E731
-    return {"input_ids": keep(ids), "labels": keep(labels), "prompt_span": (a, b - excess)}, "prompt-cut"
-
-
-def load_examples(store: Store, prefix: str, tokenizer, cutoff: int,
-                  keep=None) -> tuple[list[dict], dict]:
-    """Tokenized examples from the part-*.jsonl files right under prefix (not a stage's work/ shards), with
-    counts: skipped (no answer), over `cutoff` with the prompt cut (promptCut), over it even so and left out
-    (droppedOverLength); no answer is cut. keep(row) picks the rows used (default: all)."""
-    import numpy as np
-
-    keys = [k for k in store.list(prefix) if PART.fullmatch(k[len(prefix) + 1:])]
-    examples, rows, skipped = [], 0, 0
-    outcomes = {"fits": 0, "prompt-cut": 0, "dropped": 0}
-    for key in keys:
-        for row in read_jsonl(store, key):
-            if keep is not None and not keep(row):
-                continue
-            rows += 1
-            ex = encode_conversation(tokenizer, row["messages"], None)
-            if ex is None:
-                skipped += 1
-                continue
-            ex, outcome = fit_cutoff(ex, cutoff)
-            outcomes[outcome] += 1
-            if ex is None:
-                continue
-            # int32 arrays, not lists of Python ints: a 60M-token set then takes ~0.5 GB per rank, not ~4 GB
-            examples.append({"input_ids": np.asarray(ex["input_ids"], dtype=np.int32),
-                             "labels": np.asarray(ex["labels"], dtype=np.int32)})
-    tokens = sum(len(e["input_ids"]) for e in examples)
-    return examples, {"rows": rows, "examples": len(examples), "skipped": skipped,
-                      "promptCut": outcomes["prompt-cut"], "droppedOverLength": outcomes["dropped"],
-                      "tokens": tokens}
-
-
-class PadCollator:
-    """Right-pads a batch: pad id for inputs, 0 for the attention mask, IGNORE_INDEX for labels."""
-
-    def __init__(self, pad_id: int, multiple_of: int = 1):
-        self.pad_id = pad_id
-        self.multiple_of = multiple_of
-
-    def __call__(self, features: list[dict]):
-        import torch
-
-        width = max(len(f["input_ids"]) for f in features)
-        width = -(-width // self.multiple_of) * self.multiple_of
-        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            mask[i, :n] = 1
-            labels[i, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-# -- callbacks --------------------------------------------------------------------------------------------------------
-
-
-def _callbacks():
-    from transformers import TrainerCallback
-
-    class StepLog(TrainerCallback):
-        """Per logging step: loss, learning rate, grad norm, tokens/s and samples/s (over the logging interval)."""
-
-        def __init__(self, history: list[dict], tick=None, observe=None):
-            self.history = history
-            self.tick = tick
-            self.observe = observe
-            self._last = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self._last = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.tick and state.is_world_process_zero:
-                self.tick(state.global_step, state.max_steps)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            if "loss" not in logs or self._last is None:
-                return
-            now = time.perf_counter()
-            t0, step0, tokens0 = self._last
-            dt = max(now - t0, 1e-9)
-            steps = state.global_step - step0
-            samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-            entry = {
-                "step": state.global_step,
-                "epoch": round(state.epoch or 0.0, 4),
-                "loss": logs["loss"],
-                "learningRate": logs.get("learning_rate"),
-                "gradNorm": logs.get("grad_norm"),
-                "tokensPerSecond": round((state.num_input_tokens_seen - tokens0) / dt, 1),
-                "samplesPerSecond": round(samples / dt, 3),
-                "tokensSeen": state.num_input_tokens_seen,
-                "time": time.time(),
-            }
-            self._last = (now, state.global_step, state.num_input_tokens_seen)
-            if state.is_world_process_zero:
-                self.history.append(entry)
-                if self.observe:
-                    self.observe(entry, state.max_steps)
-                log.info("step %d/%d loss %.4f lr %.3g %.0f tok/s %.2f samples/s", state.global_step,
-                         state.max_steps, entry["loss"], entry["learningRate"] or 0.0, entry["tokensPerSecond"],
-                         entry["samplesPerSecond"])
-
-    class StoreCheckpoints(TrainerCallback):
-        """Uploads each saved checkpoint to the store (rank 0, after every rank has written its part), keeps the
-        newest `keep` there, and skips the Trainer's own end-of-training checkpoint (the final model follows)."""
-
-        def __init__(self, store: Store, run: str, iteration: int, role: str, keep: int, dist, on_upload=None):
-            self.store, self.run, self.iteration, self.role = store, run, iteration, role
-            self.keep, self.dist, self.on_upload = keep, dist, on_upload
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps:
-                control.should_save = False
-            return control
-
-        def on_save(self, args, state, control, **kwargs):
-            self.dist.wait_for_everyone()  # every rank has written its files (RNG states, optimizer shards)
-            if state.is_world_process_zero:
-                local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                prefix = checkpoint_prefix(self.run, self.iteration, self.role, state.global_step)
-                started = time.perf_counter()
-                upload_tree(self.store, local, prefix, meta={"step": state.global_step})
-                log.info("checkpoint %d uploaded to %s/%s in %.1fs", state.global_step, self.store.uri, prefix,
-                         time.perf_counter() - started)
-                steps = stored_checkpoints(self.store, self.run, self.iteration, self.role)
-                for old in steps[: max(0, len(steps) - self.keep)]:
-                    delete_tree(self.store, checkpoint_prefix(self.run, self.iteration, self.role, old))
-                if self.on_upload:
-                    self.on_upload()
-            return control
-
-    return StepLog, StoreCheckpoints
-
-
-def _metrics_observer(ctx, role: str):
-    """Feeds the training series of the Prometheus metrics from each logged step."""
-    m = getattr(ctx, "metrics", None)
-    if m is None:
-        return None
-    labels = {"run": ctx.config.name, "iteration": str(ctx.iteration), "role": role}
-
-    def observe(entry: dict, max_steps: int) -> None:
-        m.train_step.labels(**labels).set(entry["step"])
-        m.train_steps.labels(**labels).set(max_steps)
-        m.train_loss.labels(**labels).set(entry["loss"])
-        m.train_lr.labels(**labels).set(entry["learningRate"] or 0.0)
-        m.train_tokens_rate.labels(**labels).set(entry["tokensPerSecond"])
-        m.train_samples_rate.labels(**labels).set(entry["samplesPerSecond"])
-        m.train_epoch.labels(**labels).set(entry["epoch"])
-
-    return observe
-
-
 # -- the trainer ------------------------------------------------------------------------------------------------------
-
-
-def _precision(config: RunConfig) -> tuple[bool, str]:
-    import torch
-
-    cuda = torch.cuda.is_available()
-    precision = config.training.precision
-    if precision == "auto":
-        precision = "bf16" if cuda else "fp32"
-    if precision == "bf16" and not cuda and not _cpu_has_bf16():
-        log.warning("training.precision bf16 on a CPU without bfloat16 instructions: training in float32")
-        precision = "fp32"
-    return cuda, precision
-
-
-def _cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 / AMX, through oneDNN): then an explicit
-    training.precision bf16 is kept on the CPU too (auto stays float32 there)."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _load_model(config: RunConfig, base: str, previous: Path | None, precision: str):
@@ -458,13 +177,33 @@ def train_stage(ctx, role: str) -> dict:
         raise StageError(str(err)) from err
 
 
+def _training_examples(ctx, stage: str, tokenizer, sources: list[tuple[str, float]]) -> tuple[list, dict, dict]:
+    """The examples of every source (a seeded share of each, the same on every rank), their summed counts, and the
+    examples by source."""
+    store, iteration, cutoff = ctx.store, ctx.iteration, ctx.config.training.cutoff_tokens
+    examples, data_counts = [], {"rows": 0, "examples": 0, "skipped": 0, "promptCut": 0,
+                                  "droppedOverLength": 0, "tokens": 0}
+    by_source = {}
+    for source, share in sources:
+        keep = None if share >= 1 else (lambda row, s=source, f=share: ctx.seed(stage, s, row.get("id")) % 10**6
+                                        < f * 10**6)  # a seeded share of the rows, the same on every rank
+        found, counts = load_examples(store, source, tokenizer, cutoff, keep)
+        examples += found
+        data_counts = {k: data_counts[k] + counts[k] for k in data_counts}
+        by_source[source] = counts["examples"]
+    if not examples:
+        raise TrainingError(f"{stage} of iteration {iteration}: no training examples under "
+                            + " or ".join(f"{store.uri}/{s}" for s, _ in sources))
+    return examples, data_counts, by_source
+
+
 def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | None = None) -> dict:
     """Train `role` for ctx.iteration on build-sft/<role>; returns the stage manifest (the same on every rank).
 
     Resumes from the newest complete checkpoint in the store; when the final model is already in the store
     (a crash after its upload) returns its recorded manifest without training again."""
     from accelerate import PartialState
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its loading bars would break the run's own progress lines
@@ -486,45 +225,14 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
                             f"({store.uri}/{prev_prefix})")
     sources = data_sources(config, iteration, role)
 
-    cuda, precision = _precision(config)
+    cuda, precision = resolve_precision(config)
     here = local_dir(run, iteration, role, workdir)
     ckpt_dir, final_dir = here / "checkpoints", here / "model"
     resume_steps = stored_checkpoints(store, run, iteration, role)
     resume_step = resume_steps[-1] if resume_steps else None
     previous = here / "previous" if prev_prefix is not None else None
-    # TrainingArguments joins the process group of a torchrun / accelerate launch (or makes a single process).
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_strategy="steps",
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.keep_checkpoints,
-        bf16=precision == "bf16",
-        gradient_checkpointing=False,  # decided below, once the model and the data are known
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        include_num_input_tokens_seen="non_padding",
-        seed=ctx.seed(stage) % 2**31,
-        data_seed=ctx.seed(stage, "data") % 2**31,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        use_cpu=not cuda,
-        ddp_timeout=t.ddp_timeout_seconds,
-        ddp_find_unused_parameters=False,
-        deepspeed=t.deepspeed,
-    )
+    args = TrainerSettings.of(t, output_dir=str(ckpt_dir), precision=precision, cuda=cuda, seed=ctx.seed(stage),
+                              data_seed=ctx.seed(stage, "data")).arguments()
     _ = args.device  # sets up the process group (torchrun / accelerate env) or a single process
     dist = PartialState()  # the state TrainingArguments set up
     if dist.num_processes > 1:
@@ -548,20 +256,7 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise TrainingError(f"the tokenizer of {config.models.base} has no chat template")
-    examples, data_counts = [], {"rows": 0, "examples": 0, "skipped": 0, "promptCut": 0,
-                                  "droppedOverLength": 0, "tokens": 0}
-    by_source = {}
-    for source, share in sources:
-        keep = None if share >= 1 else (lambda row, s=source, f=share: ctx.seed(stage, s, row.get("id")) % 10**6
-                                        < f * 10**6)  # a seeded share of the rows, the same on every rank
-        found, counts = load_examples(store, source, tokenizer, t.cutoff_tokens, keep)
-        examples += found
-        data_counts = {k: data_counts[k] + counts[k] for k in data_counts}
-        by_source[source] = counts["examples"]
-    if not examples:
-        raise TrainingError(f"{stage} of iteration {iteration}: no training examples under "
-                            + " or ".join(f"{store.uri}/{s}" for s, _ in sources))
-
+    examples, data_counts, by_source = _training_examples(ctx, stage, tokenizer, sources)
     from transformers import set_seed
 
     set_seed(args.seed)  # the LoRA initialisation is drawn from it: reruns start from the same adapter
@@ -579,7 +274,7 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
     def upload_log() -> None:
         store.write(log_key, dumps_jsonl(history))
 
-    StepLog, StoreCheckpoints = _callbacks()
+    StepLog, StoreCheckpoints = callback_classes()
     tick = lambda done, total: ctx.tick(stage, done, total)  # noqa: E731
     trainer = Trainer(
         model=model,
@@ -587,7 +282,7 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
         train_dataset=examples,
         data_collator=PadCollator(tokenizer.pad_token_id, 8 if cuda else 1),
         processing_class=tokenizer,
-        callbacks=[StepLog(history, tick, _metrics_observer(ctx, role)),
+        callbacks=[StepLog(history, tick, metrics_observer(ctx, role)),
                    StoreCheckpoints(store, run, iteration, role, t.keep_checkpoints, dist, upload_log),
                    *callbacks],
     )

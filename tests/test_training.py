@@ -453,3 +453,19 @@ def test_distributed_data_parallel_training(tmp_path, tiny_model):
     history = list(read_jsonl(ctx.store, "t/iter-01/train-generator/train-log.jsonl"))
     assert [e["step"] for e in history] == [1, 2, 3, 4]
     assert history[0]["samplesPerSecond"] > 0  # 2 ranks x 1 example per step
+
+
+def test_trainer_settings_map_the_configuration_to_training_arguments():
+    """TRL's config-to-arguments idea: one dataclass of the trainer's settings (training_args.TrainerSettings), made
+    from `training.*` and the stage's seeds, turned into TrainingArguments."""
+    from selflengthen.pipeline.training_args import TrainerSettings
+
+    t = RunConfig.model_validate({"training": {"batchSize": 2, "gradientAccumulationSteps": 3, "warmupRatio": 0.2,
+                                               "groupByLength": False, "keepCheckpoints": 4}}).training
+    settings = TrainerSettings.of(t, output_dir="/tmp/unused", precision="bf16", cuda=False, seed=2**31 + 7,
+                                  data_seed=9)
+    args = settings.arguments()
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.warmup_steps) == (2, 3, 0.2)
+    assert args.train_sampling_strategy == "random" and args.save_total_limit == 4 and args.bf16 and args.use_cpu
+    assert (args.seed, args.data_seed) == (7, 9)  # seeds folded into the range the Trainer takes
+    assert not args.gradient_checkpointing and not args.remove_unused_columns
