@@ -193,6 +193,10 @@ class Client(Model):
                            "and KV-cache room, shrink when requests queue or the cache fills (between 1 and "
                            "maxConcurrency); a server without vLLM's metrics keeps `concurrency`")
     max_concurrency: int = Field(1024, ge=1, le=4096, description="Requests in flight at most, adaptive")
+    hedge_after_seconds: float | None = Field(
+        None, gt=0, description="Send a seeded generation request once more when it has not answered this long "
+                                "(the same seed, the same answer: the first reply wins, the other is cancelled); "
+                                "off when unset")
     balance_per_request: bool = Field(
         False, description="Resolve the endpoint's host to all its addresses (the pods behind a headless Service, "
                            "again every 30 s) and send each request to the one with the fewest in flight, instead "

@@ -118,6 +118,7 @@ class ClientStats:
     completion_tokens: int = 0
     in_flight: int = 0
     limits: list[int] = field(default_factory=list)  # adaptive concurrency: each new limit, in order
+    hedges: int = 0  # second copies sent of slow requests (client.hedgeAfterSeconds)
     backoffs: list[float] = field(default_factory=list)
 
 
@@ -314,6 +315,35 @@ class InferenceClient:
                 return _Reply(response.status, await response.read())
         finally:
             replica.in_flight -= 1
+
+    async def _send_hedged(self, method: str, path: str, body: dict | None) -> _Reply:
+        """One try; with client.hedgeAfterSeconds a seeded generation request that has not answered by then is
+        sent once more (to the replica with the fewest in flight, often another): the same seed gives the same
+        answer, so whichever copy answers first is the answer and the other is cancelled (vLLM aborts a request
+        whose connection closes). A copy that fails leaves the other to answer; both failing is the first's
+        failure. Unseeded requests are never hedged: two copies could answer differently."""
+        after = self.config.hedge_after_seconds
+        if after is None or not (isinstance(body, dict) and "seed" in body and path.endswith("/completions")):
+            return await self._send(self._pick(), method, path, body)
+        first = asyncio.ensure_future(self._send(self._pick(), method, path, body))
+        tasks = {first}
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=after)
+            if not done:
+                self.stats.hedges += 1
+                tasks.add(asyncio.ensure_future(self._send(self._pick(), method, path, body)))
+            while True:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                ok = [t for t in done if t.exception() is None]
+                if ok:
+                    return (first if first in ok else ok[0]).result()
+                if all(t.done() for t in tasks):
+                    return first.result()  # raises the first copy's failure
+                tasks -= done
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- balancing over replicas -----------------------------------------------------------------------------
 
@@ -538,7 +568,7 @@ class InferenceClient:
                     self.stats.requests += 1
                     sent = time.monotonic()
                     try:
-                        response = await self._send(self._pick(), method, path, body)
+                        response = await self._send_hedged(method, path, body)
                     except aiohttp.InvalidURL:
                         raise
                     except (TimeoutError, aiohttp.ClientError) as err:

@@ -82,3 +82,25 @@ async def test_an_address_or_a_name_without_balancing_is_not_resolved():
         async with InferenceClient(name, Client(), resolve=resolve) as client:
             await send(client, 4)  # balancing off: the name goes to aiohttp as it is
             assert [r.requests for r in client.replicas] == [4]
+
+
+async def test_a_straggler_is_hedged_and_the_same_seed_gives_the_same_answer():
+    """client.hedgeAfterSeconds: a request stuck on a slow replica is sent once more, to the other; the first reply
+    wins and it is the answer the seed gives anyway (the same text as from the fast replica alone). An unseeded
+    request is never hedged."""
+    slow, fast = SimModel(time_scale=2.0), SimModel(time_scale=0.01)
+    bodies = [{**BODY, "seed": 100 + i} for i in range(8)]
+    with SimServer(slow) as s, SimServer(fast) as f:
+        async with InferenceClient(f.endpoint, Client(concurrency=8)) as alone:
+            wanted = [a["choices"][0]["message"]["content"]
+                      for a in await asyncio.gather(*(alone.post("/chat/completions", b) for b in bodies))]
+        config = Client(concurrency=8, hedge_after_seconds=0.2)
+        async with InferenceClient(s.endpoint, config, replicas=[s.endpoint, f.endpoint]) as client:
+            answers = await asyncio.gather(*(client.post("/chat/completions", b) for b in bodies))
+            hedged = client.stats.hedges
+            unseeded = {k: v for k, v in BODY.items()}
+            await client.post("/chat/completions", unseeded)
+            assert client.stats.hedges == hedged  # not hedged
+            assert all(r.in_flight == 0 for r in client.replicas)  # the losing copies were cancelled
+    assert [a["choices"][0]["message"]["content"] for a in answers] == wanted
+    assert hedged >= 4  # the four first sent to the slow replica (least outstanding: half each)
