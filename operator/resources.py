@@ -416,16 +416,22 @@ def compile_cache_containers(run: Run, args: list[str]) -> list[dict]:
 
 
 def serving_service(run: Run, model: int) -> dict:
+    """The Service of model `model`'s vLLM pods. With client.balancePerRequest it is headless (clusterIP None):
+    its name resolves to every ready pod, and the client sends each request to the one with the fewest in flight
+    (a ClusterIP resolves to one virtual IP, balanced per connection)."""
+    spec: dict = {
+        "type": "ClusterIP",
+        "selector": {LABEL_RUN: run.name, LABEL_MODEL: str(model), LABEL_COMPONENT: "inference"},
+        "ports": [{"name": p.port_name, "port": p.port, "targetPort": p.port_name, "protocol": "TCP"}
+                  for p in served_parts(run, model)],
+    }
+    if run.config.client.balance_per_request:
+        spec["clusterIP"] = "None"
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _meta(run, serving_name(run.name, model), "inference", model=model),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": {LABEL_RUN: run.name, LABEL_MODEL: str(model), LABEL_COMPONENT: "inference"},
-            "ports": [{"name": p.port_name, "port": p.port, "targetPort": p.port_name, "protocol": "TCP"}
-                      for p in served_parts(run, model)],
-        },
+        "spec": spec,
     }
 
 

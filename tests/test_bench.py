@@ -114,7 +114,7 @@ def test_real_operator_drives_the_simulated_cluster_on_a_tiny_setting():
 
     c = Cluster()
     w = dataclasses.replace(Workload(), instructions=12, eval_requests=4, train_tokens=2e6)
-    a, b = (simulate(example_spec(), c, w, "connections", seed=1) for _ in range(2))
+    a, b = (simulate(example_spec(), c, w, seed=1) for _ in range(2))
     assert a == b and a["phase"] == "Succeeded" and a["seconds"] >= a["boundSeconds"] > 0
     # the example's gradientCheckpointing: auto, decided by the trainer's estimate: a 16k-token step needs it
     assert a["spec"]["gradientCheckpointing"]["enabled"] is True
@@ -122,11 +122,16 @@ def test_real_operator_drives_the_simulated_cluster_on_a_tiny_setting():
     assert steps["bench-i02-evaluate-a1"]["start"] == steps["bench-i03-self-instruct-a1"]["start"]
     assert steps["bench-i03-build-sft-a1"]["start"] == steps["bench-m02-vllm-a1"]["scale-down"]
     assert steps["bench-i03-train-generator-a1"]["start"] < steps["bench-i03-train-extender-a1"]["start"]
-    cold = simulate(example_spec(**{"inference.modelCacheClaim": None}), c, w, "connections", seed=1)
+    cold = simulate(example_spec(**{"inference.modelCacheClaim": None}), c, w, seed=1)
     assert cold["steps"]["bench-m02-vllm-a1"]["ready"] > steps["bench-m02-vllm-a1"]["ready"]
     both = simulate(example_spec(**{"training.concurrent": True, "training.processesPerNode": 4}), c, w,
-                    "connections", seed=1)["steps"]
+                    seed=1)["steps"]
     assert both["bench-i03-train-generator-a1"]["start"] == both["bench-i03-train-extender-a1"]["start"]
+    # the client as the spec's settings make it: per connection by default, adaptive with both client knobs
+    assert a["spec"]["client"] == "connections"
+    tuned = simulate(example_spec(**{"client.adaptiveConcurrency": True, "client.balancePerRequest": True}), c, w,
+                     seed=1)
+    assert tuned["spec"]["client"] == "adaptive"
 
 
 def test_vllm_client_benchmark_against_the_simulated_server(tmp_path):

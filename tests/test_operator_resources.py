@@ -561,3 +561,17 @@ def test_compile_cache_snapshots_seed_publish_and_concurrent_publishers(tmp_path
     (shared / "LATEST").write_text("../../etc")
     assert cc.latest(shared) is None and cc.seed(shared, tmp_path / "pod-e") == 0
     assert cc.main(["seed", "--shared", str(tmp_path / "nowhere"), "--local", str(tmp_path / "pod-f")]) == 0
+
+
+def test_the_serving_service_is_headless_when_the_client_balances_per_request():
+    from kube_admission import child_errors
+
+    plain = r.serving_service(make_run(), 1)
+    assert "clusterIP" not in plain["spec"]  # a virtual IP, balanced per connection
+    run = make_run(spec(client={"balancePerRequest": True, "adaptiveConcurrency": True}))
+    svc = r.serving_service(run, 1)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"]["selflengthen.io/model"] == "1"
+    assert child_errors(svc) == []
+    kubernetes_validate.validate(svc, K8S, strict=True)
+    # the Jobs still name the Service: its name now resolves to every ready vLLM pod
+    assert r.endpoint(run, 1) == "http://demo-m01-vllm.ml.svc:8000/v1"
