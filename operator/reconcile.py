@@ -382,6 +382,21 @@ class _Reconciler:
 
     # ---- children
 
+    def start_attempt(self, rec: dict, attempt: int, child_name, reason: str, started) -> int | None:
+        """Where an attempt starts, the one path for stage Jobs and vLLM Deployments: the first attempt, or the next
+        once the failed one's backoff is over (an event `reason` says so), else the attempt at hand whose child is
+        missing (made again); its record Running and naming its child. None while the backoff waits."""
+        if attempt == 0 or rec.get("state") == "Retrying":
+            if self.backoff_pending(rec):
+                return None
+            attempt += 1
+            rec["startedAt"] = ts(self.now)
+            self.event("Normal", reason, started(attempt, child_name(attempt)))
+        rec.update(attempts=attempt, state="Running", child=child_name(attempt))
+        rec.pop("nextAttemptAt", None)
+        rec.setdefault("startedAt", ts(self.now))
+        return attempt
+
     def ensure_config(self) -> None:
         name = config_map_name(self.run.name)
         current = self.obs.config_maps.get(name)
@@ -424,17 +439,12 @@ class _Reconciler:
             self.act("delete", "Deployment", dep["metadata"]["name"])  # still going away
             dep = None
         if dep is None:
-            if attempt == 0 or rec.get("state") == "Retrying":
-                if self.backoff_pending(rec):
-                    return False
-                attempt += 1
-                rec["startedAt"] = ts(self.now)
-                self.event("Normal", "ServingStarted",
-                           f"iteration {k}: starting vLLM for {self.model_text(model)} "
-                           f"(Deployment {deployment_name(self.run.name, model, attempt)}, attempt {attempt})")
-            rec.update(attempts=attempt, state="Running", child=deployment_name(self.run.name, model, attempt))
-            rec.pop("nextAttemptAt", None)
-            rec.setdefault("startedAt", ts(self.now))
+            attempt = self.start_attempt(
+                rec, attempt, lambda a: deployment_name(self.run.name, model, a), "ServingStarted",
+                lambda a, child: f"iteration {k}: starting vLLM for {self.model_text(model)} (Deployment {child}, "
+                                 f"attempt {a})")
+            if attempt is None:
+                return False
             self.act("create", "Deployment", rec["child"], serving_deployment(self.run, model, attempt))
             self.wait(inf.startup_timeout_seconds)
             return False
@@ -537,16 +547,11 @@ class _Reconciler:
         if job is not None and _failure_recorded(rec, attempt):
             job = None  # a failed attempt, kept for its logs: the next attempt is due after the backoff
         if job is None:
-            if attempt == 0 or rec.get("state") == "Retrying":
-                if self.backoff_pending(rec):
-                    return
-                attempt += 1
-                rec["startedAt"] = ts(self.now)
-                self.event("Normal", "StageStarted", f"iteration {k}: {stage} started "
-                           f"(Job {job_name(self.run.name, k, stage, attempt)}, attempt {attempt})")
-            rec.update(attempts=attempt, state="Running", child=job_name(self.run.name, k, stage, attempt))
-            rec.pop("nextAttemptAt", None)
-            rec.setdefault("startedAt", ts(self.now))
+            attempt = self.start_attempt(
+                rec, attempt, lambda a: job_name(self.run.name, k, stage, a), "StageStarted",
+                lambda a, child: f"iteration {k}: {stage} started (Job {child}, attempt {a})")
+            if attempt is None:
+                return
             queued = bool(self.cl.scheduling.queue_name)  # Kueue admits (unsuspends) queued Jobs itself
             if training:
                 body = training_job(self.run, k, stage, attempt, suspend=queued)

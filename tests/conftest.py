@@ -79,3 +79,18 @@ def _paths(monkeypatch):
     from kube_fixtures import parse_path
 
     monkeypatch.setattr(parsing, "parse_path", parse_path)
+
+
+def imported_by(modules: list[str]) -> set[str]:
+    """The selflengthen modules a fresh interpreter has loaded after importing `modules`: what an import pulls in,
+    which the test process itself (already importing everything) cannot tell."""
+    import json
+    import subprocess
+    import sys
+
+    loaded = "print(json.dumps([m for m in sys.modules if m.startswith('selflengthen')]))"
+    script = "; ".join([*(f"import {m}" for m in modules), "import sys, json", loaded])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.splitlines()[-1]))
