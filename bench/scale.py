@@ -78,14 +78,16 @@ def stage_drop_short(n: int, repeats: int = 3) -> Row:
     ours and the reference's, each the best of `repeats` (CPU seconds), the same masks checked."""
     rng = random.Random(2)
     lengths = [max(1, int(rng.lognormvariate(math.log(1200), 0.5))) for _ in range(n)]
-    best = {}
+    best, masks = {}, {}
     for name, fn in (("ours", drop_short_mask), ("reference", reference_drop_short_mask)):
         times = []
         for _ in range(repeats):
             t = time.process_time()
             mask = fn(lengths, 0)
             times.append(time.process_time() - t)
-        best[name] = (min(times), sum(mask))
+        best[name], masks[name] = (min(times), sum(mask)), mask
+    if masks["ours"] != masks["reference"]:  # the same items kept, or the timing compares different work
+        raise RuntimeError(f"drop_short at n={n}: ours and the reference keep different items")
     ours, ref = best["ours"][0], best["reference"][0]
     return Row(f"scale: drop_short CPU s at the paper's stage size ({n:,} lengths), both measured", ours, ref,
                ref / max(ours, 1e-9), "-", None, unit="s",

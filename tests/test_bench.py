@@ -76,11 +76,13 @@ def test_quick_run_prints_and_writes_every_table_row(tmp_path):
         assert len(row["details"]["loadSeconds"]) == n and len(row["details"]["singleSeconds"]) >= 1
     assert operator[2]["details"]["rssBytes"]["peak"] >= operator[2]["details"]["rssBytes"]["idle"] > 0
 
-    training = measured(rows, "training: ")
-    assert len(training) == 2  # tokens/s (ours / padded baseline) and the held-out loss drop (ours / baseline)
-    for pair in training[0]["details"]["pairs"]:  # the same work on both sides: real tokens and optimizer steps
-        assert pair["ours"]["tokensSeen"] == pair["baseline"]["tokensSeen"] == pair["ours"]["tokens"] > 0
-        assert pair["ours"]["steps"] == pair["baseline"]["steps"] > 0
+    training = measured(rows, "training (batch 1): ")
+    assert len(training) == 3  # tokens/s ours / TRL padding-free, the held-out loss drop, tokens/s ours / TRL packing
+    assert training[0]["details"]["size"]["batch_size"] == 1
+    for pair in training[0]["details"]["pairs"]:  # the same work: real tokens; padding-free the same steps too
+        for method in ("paddingFree", "packing"):
+            assert pair["ours"]["tokensSeen"] == pair[method]["tokensSeen"] == pair["ours"]["tokens"] > 0
+        assert pair["ours"]["steps"] == pair["paddingFree"]["steps"] > pair["packing"]["steps"] > 0
     [cuda] = [r for r in rows if r["benchmark"].startswith("training (CUDA)")]
     assert cuda["status"] == "ok" or (cuda["status"] == "skipped" and "cuda" in cuda["note"] and cuda["ours"] is None)
 
@@ -185,3 +187,27 @@ def test_table_marks_goals_and_pending_rows():
     lines = table(rows).splitlines()
     assert lines[2].split()[-1] == "yes" and lines[3].split()[-1] == "NO" and lines[4].split()[-1] == "pending"
     assert table(rows, markdown=True).startswith("| benchmark | ours | baseline | ratio | goal | met? |")
+
+
+def test_gpu_script_plans_without_a_gpu(tmp_path, capsys):
+    """bench/gpu.py is for a lent GPU: here only its arguments, its plan and its CPU-side pieces run."""
+    from bench import gpu
+
+    assert gpu.main(["--dry-run", "--out", str(tmp_path), "--concurrencies", "64", "16", "64"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    vllm, training = plan["steps"]
+    assert vllm["baseline"]["concurrencies"] == [16, 64] and vllm["ours"]["concurrencies"][1] == 32
+    assert training["size"]["batch_size"] == 1 and training["methods"][1:] == ["paddingFree", "packing"]
+    assert plan["out"].startswith(str(tmp_path)) and not list(tmp_path.iterdir())  # nothing written
+    assert [s["part"] for s in gpu.plan(gpu.parse_args(["--only", "training"]))["steps"]] == ["training"]
+    for bad in (["--concurrencies", "0"], ["--requests", "-1"], ["--peak-tflops", "0"], ["--only", "nothing"]):
+        with pytest.raises(SystemExit):
+            gpu.parse_args(bad)
+    # MFU's FLOPs: 4N per token for LoRA, N of the 0.5B shape being Qwen2-0.5B's 494M parameters (tied head)
+    assert gpu.flops_per_token(gpu.QWEN2_05B, 0) / 4 == pytest.approx(494.0e6, rel=0.002)
+    assert gpu.flops_per_token(gpu.QWEN2_05B, 1000, "full") > gpu.flops_per_token(gpu.QWEN2_05B, 1000)
+    assert gpu.peak_flops("NVIDIA H200", None) == 989e12 and gpu.peak_flops("Mystery GPU", None) is None
+    requests = gpu.extend_requests(6, 300, 0.5, 64)
+    assert len({r["seed"] for r in requests}) == 6 and all(r["max_tokens"] == 64 and r["ignore_eos"] for r in requests)
+    assert all("Rewrite the answer" in r["messages"][0]["content"] and "$response" not in r["messages"][0]["content"]
+               for r in requests)
