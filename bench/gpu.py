@@ -130,7 +130,7 @@ def extend_requests(n: int, answer_words: int, sigma: float, output_len: int, se
     """The extend stage's requests: its prompt over a seed instruction and an answer of log-normal length."""
     from string import Template
 
-    from bench.sim_server import prose
+    from bench.sim_text import prose
     from bench.vllm_client import MODEL
     from selflengthen.pipeline.config import Sampling
     from selflengthen.pipeline.data import load_seed_instructions

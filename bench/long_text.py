@@ -25,7 +25,9 @@ from selflengthen.pipeline.store import LocalStore
 
 from .common import Row
 from .reference_driver import Reference
-from .sim_server import SimModel, SimServer, prose
+from .sim_engine import SimModel
+from .sim_server import SimServer
+from .sim_text import prose
 
 LONG_FULL = {"items": 400, "context": 8192, "concurrency": 64}
 LONG_QUICK = {"items": 12, "context": 1024, "concurrency": 8}

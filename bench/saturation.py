@@ -24,7 +24,8 @@ from selflengthen.pipeline.store import LocalStore
 
 from .common import Row
 from .reference_driver import Reference
-from .sim_server import SimModel, SimServer
+from .sim_engine import SimModel
+from .sim_server import SimServer
 
 # Full size: 800 instruction slots -> ~1,600 answers -> ~1,900 extension attempts, ~4,300 items and ~2.5 M
 # generated tokens; 1 simulated second = 50 ms, so the server peaks at 50,000 tokens/s real.

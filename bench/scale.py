@@ -28,7 +28,8 @@ from pathlib import Path
 from selflengthen.pipeline.text import check_response, count_words, drop_short_mask
 
 from .common import ROOT, Row
-from .sim_server import SimModel, _answer, generate, prose
+from .sim_engine import SimModel
+from .sim_text import _answer, generate, prose
 
 # stage_size: the paper's respond stage (5,000 instructions x 2 samples): drop_short there, both measured
 FULL = {"filter_sizes": [125_000, 250_000, 500_000, 1_000_000], "reference_sizes": [2_000, 4_000, 8_000],

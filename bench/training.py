@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 from .common import Row
-from .sim_server import prose
+from .sim_text import prose
 
 FULL = {"examples": 160, "epochs": 1, "batch_size": 1, "median_words": 90, "sigma": 0.9, "cutoff": 768,
         "heldout": 24, "repeats": 3, "lr": 3e-3, "threads": 1,

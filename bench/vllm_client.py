@@ -134,7 +134,8 @@ def run(quick: bool = False, endpoint: str | None = None, model: str = "tiny", *
     with contextlib.ExitStack() as stack:
         where = "given endpoint"
         if endpoint is None and quick:
-            from .sim_server import SimModel, SimServer
+            from .sim_engine import SimModel
+            from .sim_server import SimServer
 
             endpoint = stack.enter_context(SimServer(SimModel(time_scale=0.002))).endpoint
             where, label = "simulated server, smoke size", "simulated server (smoke)"

@@ -1,5 +1,5 @@
 """Adaptive concurrency (client.adaptiveConcurrency): the policy, vLLM's gauges, the resizable limit, and the
-client following the simulated vLLM (bench/sim_server.py: vLLM's /metrics, a bounded batch and KV cache)."""
+client following the simulated vLLM (bench/sim_http.py: vLLM's /metrics, a bounded batch and KV cache)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # last: the repository's operator/ must not shadow the standard library
 
-from bench.sim_server import Engine, SimHTTP, SimModel, SimServer  # noqa: E402
+from bench.sim_engine import Engine, SimModel  # noqa: E402
+from bench.sim_http import SimHTTP  # noqa: E402
+from bench.sim_server import SimServer  # noqa: E402
 
 # What vLLM 0.32's /metrics says (the lines that matter, with their neighbours that must not be mistaken for them).
 VLLM_METRICS = """\

@@ -1,6 +1,6 @@
 """Per-request balancing over replicas (least outstanding requests): explicit replica URLs, and the endpoint's
 host name resolved to all its addresses (client.balancePerRequest: the pods behind a headless Service), against
-simulated vLLM replicas (bench/sim_server.py) on loopback."""
+simulated vLLM replicas (bench/sim_server.py, bench/sim_engine.py) on loopback."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # last: the repository's operator/ must not shadow the standard library
 
-from bench.sim_server import SimModel, SimServer  # noqa: E402
+from bench.sim_engine import SimModel  # noqa: E402
+from bench.sim_server import SimServer  # noqa: E402
 
 BODY = {"model": "generator", "messages": [{"role": "user", "content": "Write."}], "max_tokens": 60,
         "ignore_eos": True}

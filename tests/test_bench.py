@@ -16,7 +16,8 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # last: the repository's operator/ must not shadow the standard library
 
 from bench.common import Row, table  # noqa: E402
-from bench.sim_server import SimModel, generate  # noqa: E402
+from bench.sim_engine import SimModel  # noqa: E402
+from bench.sim_text import generate  # noqa: E402
 
 ROW_KEYS = {"benchmark", "ours", "baseline", "ratio", "goal", "met", "unit", "status", "note", "details"}
 
