@@ -336,8 +336,10 @@ async def test_a_stage_failing_always_fails_the_run_with_reason_and_event(cluste
 
 
 async def test_vllm_never_healthy_fails_serving_after_the_startup_timeout(cluster):
+    # the timeout leaves room for the crash-looping pod below to be made and seen first on a loaded machine (at 5 s
+    # the operator sometimes timed out before it saw the pod, and the failure then had no container detail)
     async with operator(cluster):
-        await cluster.apply("demo", spec(iterations=1, inference={"startupTimeoutSeconds": 5},
+        await cluster.apply("demo", spec(iterations=1, inference={"startupTimeoutSeconds": 12},
                                          retry={"maxAttempts": 1}))
         await cluster.wait(lambda s: s.get("phase") == "Serving", "Serving")
         dep = await cluster.get("Deployment", "demo-m00-vllm-a1")
@@ -350,7 +352,7 @@ async def test_vllm_never_healthy_fails_serving_after_the_startup_timeout(cluste
             "lastState": {"terminated": {"reason": "Error", "exitCode": 1,
                                          "message": "ValueError: Bfloat16 is only supported on GPUs"}}}]}},
             "status")
-        st = await cluster.wait(lambda s: s.get("phase") == "Failed", "Failed", timeout=15)
+        st = await cluster.wait(lambda s: s.get("phase") == "Failed", "Failed", timeout=40)
         failure = st["lastFailure"]
         assert failure["reason"] == "StartupTimeout" and failure["stage"] == "serving"
         assert "CrashLoopBackOff" in failure["message"] and "Bfloat16 is only supported" in failure["message"]
