@@ -85,13 +85,13 @@ def test_training_precision_bf16_is_kept_on_a_cpu_with_bfloat16_instructions(mon
     pytest.importorskip("torch")
     import torch
 
-    from selflengthen.pipeline import training
+    from selflengthen.pipeline import training_args
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     bf16 = parse_config({"training": {"precision": "bf16"}})
-    monkeypatch.setattr(training, "_cpu_has_bf16", lambda: True)
-    assert training._precision(bf16) == (False, "bf16")
-    assert training._precision(parse_config({})) == (False, "fp32")  # auto stays float32 on a CPU
-    monkeypatch.setattr(training, "_cpu_has_bf16", lambda: False)
-    assert training._precision(bf16) == (False, "fp32")
+    monkeypatch.setattr(training_args, "cpu_has_bf16", lambda: True)
+    assert training_args.precision(bf16) == (False, "bf16")
+    assert training_args.precision(parse_config({})) == (False, "fp32")  # auto stays float32 on a CPU
+    monkeypatch.setattr(training_args, "cpu_has_bf16", lambda: False)
+    assert training_args.precision(bf16) == (False, "fp32")
     assert "without bfloat16 instructions: training in float32" in caplog.text
