@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from collections import Counter
 
 import pytest
@@ -28,42 +26,43 @@ def config_for(tmp_path):
     return parse_config({
         "name": "killed", "iterations": 1, "seed": 11,
         "sampling": {"maxTokens": 48},
-        "selfInstruct": {"instructionsPerIteration": 16, "maxTries": 3, "maxTokens": 40, "judge": False},
+        "selfInstruct": {"instructionsPerIteration": 16, "maxTries": 4, "maxTokens": 64, "judge": False},
         "respond": {"maxRetries": 2},
         "extend": {"attempts": 1, "passes": 2, "maxRetries": 2, "maxTokens": 96},
         "filters": {"checkEnding": False, "checkMeta": False},
         # A long deadline: the failure must come from noticing the dead server ("gone"), not from the deadline.
-        "client": {"concurrency": 2, "deadlineSeconds": 600},
-        "storage": {"uri": f"file://{tmp_path}/store", "shardSize": 2},
+        "client": {"concurrency": 1, "deadlineSeconds": 600},
+        "storage": {"uri": f"file://{tmp_path}/store", "shardSize": 1},
         "evaluate": {"enabled": False},
         "training": {"maxSteps": 1},
         "local": {"startupTimeoutSeconds": 600},
     })
 
 
-def kill_server_when(endpoints: Endpoints, artifacts: StageArtifacts, stop: threading.Event) -> None:
-    """Kill the server's process group once the stage has written its first work shard."""
-    while not stop.is_set():
-        server = endpoints.server
-        if server is not None and server.process is not None and artifacts.work_done():
-            os.killpg(server.process.pid, signal.SIGKILL)
-            return
-        time.sleep(0.05)
+def run_and_kill(config, tmp_path, stage: str, monkeypatch) -> dict[int, list[dict]]:
+    """Run until `stage` writes its first work shard; the server dies just before that write lands.
 
-
-def run_and_kill(config, tmp_path, stage: str) -> dict[int, list[dict]]:
+    The kill is synchronous with the write (not a watcher thread polling the store): a watcher raced the stage,
+    which on a fast machine could finish its last shards before the watcher looked. With one item per shard and
+    the client at one request, the stage has at most two items in flight, so items are still to be asked when
+    the server dies and the stage must notice it."""
     store = open_store(config.storage.uri)
     artifacts = StageArtifacts(store, config.name, 1, stage)
     endpoints = Endpoints(config, store, tmp_path / "work")
-    stop = threading.Event()
-    killer = threading.Thread(target=kill_server_when, args=(endpoints, artifacts, stop), daemon=True)
-    killer.start()
-    try:
+    write_work = StageArtifacts.write_work
+
+    def killing_write(self, index, rows):
+        server = endpoints.server
+        if self.stage == stage and server is not None and server.process is not None \
+                and server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+        return write_work(self, index, rows)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StageArtifacts, "write_work", killing_write)
         with pytest.raises(StageError) as failure:
             run_local(config, progress=False, endpoints=endpoints, workdir=tmp_path / "work")
-    finally:
-        stop.set()
-        killer.join(5)
     message = str(failure.value)
     assert f"stage {stage}" in message and "gone" in message and "127.0.0.1" in message, message
     assert not artifacts.done()
@@ -72,11 +71,12 @@ def run_and_kill(config, tmp_path, stage: str) -> dict[int, list[dict]]:
     return kept
 
 
-def test_killed_server_fails_fast_and_the_rerun_resumes(tmp_path):
+def test_killed_server_fails_fast_and_the_rerun_resumes(tmp_path, monkeypatch):
     config = config_for(tmp_path)
     store = open_store(config.storage.uri)
-    kept_respond = run_and_kill(config, tmp_path, "respond")
-    kept_extend = run_and_kill(config, tmp_path, "extend")  # the rerun resumes respond, then dies in extend
+    kept_respond = run_and_kill(config, tmp_path, "respond", monkeypatch)
+    # the rerun resumes respond, then dies in extend
+    kept_extend = run_and_kill(config, tmp_path, "extend", monkeypatch)
 
     results = run_local(config, progress=False, workdir=tmp_path / "work")[1]
     for stage, kept in (("respond", kept_respond), ("extend", kept_extend)):
