@@ -17,8 +17,10 @@ model (the same numbers, `Cluster`):
   request, adaptive with adaptiveConcurrency (bench/cluster.py's models);
 - a CPU stage pod starts in `cpu_pod_start_s`; build-sft takes `build_sft_s`; a training Job starts (pull, model
   load, trainer init), then trains its role's tokens at the spec's GPUs (nodes x processesPerNode), 4N FLOPs per
-  token or 6N with gradient checkpointing (as training.gradientCheckpointing decides it for Qwen2-7B on an
-  80 GB GPU: auto asks the trainer's own memory estimate, pipeline/train_memory.py), and saves;
+  token plus what it recomputes: as training.gradientCheckpointing decides it for Qwen2-7B on an 80 GB GPU (auto:
+  the trainer's own memory estimate, pipeline/train_memory.py, batch by batch: the fewest decoder layers each
+  example of the iteration's build-sft set needs, the workload's extended lengths capped at cutoffTokens) and the
+  chunked loss's recomputed logits (training.lossChunkTokens), weighted by tokens; then it saves;
 - scaled-down pods hold their GPUs for `terminate_s`; the operator reacts to each change after `react_s`.
 
 It runs three macro-iterations and measures the third (steady state: the model and the adapters' compile caches
@@ -185,6 +187,8 @@ class Sim:
         self.checkpointing = checkpointing(self.run)
         self.child_errors = _admission()
         self.work = {k: workload(self.w, self.seed + k, False) for k in range(1, self.run.config.iterations + 2)}
+        self.flops = {k: train_flops_share(self.run, self.checkpointing, work["examples"])
+                      for k, work in self.work.items()}
 
     # ---- time and events
 
@@ -253,8 +257,7 @@ class Sim:
             if stage in ("train-generator", "train-extender"):
                 gpus = t.nodes * t.processes_per_node
                 share = self.w.generator_share if stage == "train-generator" else 1 - self.w.generator_share
-                rate = self.c.train_tokens_per_s * (self.c.checkpointing_factor if self.checkpointing.enabled
-                                                    else 1.0)
+                rate = self.c.train_tokens_per_s / self.flops[k][0 if stage == "train-generator" else 1]
                 eff = 1 / (1 + self.c.dp_loss_per_gpu * (gpus - 1))
                 seconds = (self.start_seconds(t.nodes, self.c.trainer_init_s)
                            + self.w.train_tokens * share / (gpus * rate * eff) + self.c.trainer_save_s)
@@ -351,20 +354,44 @@ QWEN2_7B = dict(params=7_615_616_512, layers=28, hidden=3584, intermediate=18944
 H100_BYTES = 80 * 2**30
 
 
-def checkpointing(run):
-    """What training.gradientCheckpointing decides for the example's model on an 80 GB GPU (auto: the trainer's
-    estimate of the longest batch, batchSize x cutoffTokens tokens)."""
-    from selflengthen.pipeline.train_memory import ModelShape, decide
+def qwen2_7b(run):
+    """The example model's shape as the trainer's estimate sees it (LoRA adapters counted under mode lora)."""
+    from selflengthen.pipeline.train_memory import ModelShape
 
     t = run.config.training
     r = t.lora.rank if t.mode == "lora" else 0
     h, i, kv, layers = QWEN2_7B["hidden"], QWEN2_7B["intermediate"], QWEN2_7B["kv"], QWEN2_7B["layers"]
     lora = r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + i)) * layers  # q, o; k, v; gate, up, down
-    shape = ModelShape(params=QWEN2_7B["params"] + lora, trainable=lora or QWEN2_7B["params"], layers=layers,
-                       hidden=h, intermediate=i, kv=kv, vocab=QWEN2_7B["vocab"], lora_rank=r)
+    return ModelShape(params=QWEN2_7B["params"] + lora, trainable=lora or QWEN2_7B["params"], layers=layers,
+                      hidden=h, intermediate=i, kv=kv, vocab=QWEN2_7B["vocab"], lora_rank=r)
+
+
+def checkpointing(run):
+    """What training.gradientCheckpointing decides for the example's model on an 80 GB GPU (auto: the trainer's
+    estimate; the decision for the longest batch, batchSize x cutoffTokens tokens, and per batch through
+    Decision.layers_for)."""
+    from selflengthen.pipeline.train_memory import decide
+
+    t = run.config.training
     world = run.cluster.training.nodes * run.cluster.training.processes_per_node
-    return decide(t.gradient_checkpointing, shape, t.batch_size * t.cutoff_tokens, t.mode, "bf16", H100_BYTES,
-                  0, world)
+    return decide(t.gradient_checkpointing, qwen2_7b(run), t.batch_size * t.cutoff_tokens, t.mode, "bf16",
+                  H100_BYTES, 0, world, t.loss_chunk_tokens)
+
+
+def train_flops_share(run, decision, examples) -> tuple[float, float]:
+    """(Generator, Extender): FLOPs per token over the plain 4N, weighted by tokens over the examples (tokens
+    capped at cutoffTokens; batchSize examples a batch, as the trainer's length grouping makes them alike)."""
+    from selflengthen.pipeline.train_memory import recompute_share
+
+    t = run.config.training
+    shape = qwen2_7b(run)
+    chunked = t.loss_chunk_tokens > 0
+
+    def share(lengths):
+        tokens = [min(n, t.cutoff_tokens) * t.batch_size for n in lengths]
+        return sum(n * recompute_share(shape, decision.layers_for(n), chunked) for n in tokens) / sum(tokens)
+
+    return share([g for g, _ in examples]), share([e for _, e in examples])
 
 
 def _merge(target: dict, patch: dict) -> None:
@@ -437,6 +464,8 @@ def simulate(spec: dict, c: Cluster, w: Workload, seed: int = 0) -> dict:
     return {"spec": {"client": client, "modelCacheClaim": cluster.inference.model_cache_claim,
                      "concurrentTraining": cluster.training.concurrent,
                      "gradientCheckpointing": sim.checkpointing.summary(),
+                     "lossChunkTokens": config.training.loss_chunk_tokens,
+                     "trainFlopsShare": [round(f, 4) for f in sim.flops[last]],
                      "concurrency": config.client.concurrency},
             "seconds": wall, "boundSeconds": bound, "ratio": wall / bound, "busyFraction": bound / wall,
             "gpuHours": c.gpus * wall / 3600, "reconciles": sim.reconciles, "childrenAdmitted": sim.children_checked,
@@ -455,8 +484,12 @@ def run(quick: bool = False, seed: int = 0) -> list[Row]:
         ("example, client.adaptiveConcurrency + balancePerRequest", example_spec(**adaptive)),
         ("example, adaptive client, Generator and Extender at once (4+4 GPUs)",
          example_spec(**adaptive, **{"training.concurrent": True, "training.processesPerNode": 4})),
-        # what-if: the trainer's estimate (auto) says a 16k-token step of Qwen2-7B does not fit 80 GB without it
-        ("what-if: adaptive client, no gradient checkpointing (forced; would not fit 80 GB at 16k tokens)",
+        ("example, adaptive client, the model's own loss (lossChunkTokens 0: whole-batch logits)",
+         example_spec(**adaptive, **{"training.lossChunkTokens": 0})),
+        ("example, adaptive client, every layer checkpointed (gradientCheckpointing true: the old 6N)",
+         example_spec(**adaptive, **{"training.gradientCheckpointing": True})),
+        # what-if: the trainer's estimate (auto) says the longest (16k-token) steps of Qwen2-7B need it
+        ("what-if: adaptive client, no gradient checkpointing (forced; the longest batches would not fit 80 GB)",
          example_spec(**adaptive, **{"training.gradientCheckpointing": False})),
     ]
     results = []

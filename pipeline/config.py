@@ -325,7 +325,7 @@ class Training(Model):
     # Gradient checkpointing recomputes the same activations (non-reentrant: the RNG state is replayed): memory
     # and time, not the weights.
     affects_fields = {"save_steps": NEUTRAL, "keep_checkpoints": NEUTRAL, "ddp_timeout_seconds": NEUTRAL,
-                      "gradient_checkpointing": NEUTRAL}
+                      "gradient_checkpointing": NEUTRAL, "loss_chunk_tokens": NEUTRAL}
 
     mode: Literal["lora", "full"] = Field("lora", description="LoRA adapters, or full fine-tuning")
     lora: Lora = Field(default_factory=Lora)
@@ -342,9 +342,14 @@ class Training(Model):
     max_grad_norm: float = Field(1.0, ge=0)
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding)")
     gradient_checkpointing: Literal["auto", "true", "false"] = Field(
-        "auto", description="Recompute activations in the backward (a third more compute, far less memory): auto "
-                            "turns it on on a GPU only when the step's estimated memory would not fit without it "
-                            "(pipeline/train_memory.py); true and false force it (true also on the CPU)")
+        "auto", description="Recompute in the backward to save memory (up to a third more compute): auto, on a GPU, "
+                            "batch by batch, the least with which the batch's estimated memory fits "
+                            "(pipeline/train_memory.py): some decoder layers' activations, the loss in chunks; "
+                            "true: every layer and the chunked loss (also on the CPU); false: nothing")
+    loss_chunk_tokens: int = Field(
+        1024, ge=0, le=1048576,
+        description="Positions a chunked loss computes at a time, their logits recomputed in the backward (16k "
+                    "positions of a 152k vocabulary hold 32 GiB of logits otherwise); 0: never chunk the loss")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on CUDA, float32 on CPU; bf16 also on a CPU with bfloat16 instructions"
     )

@@ -53,6 +53,7 @@ from .training_args import precision as resolve_precision
 from .training_callbacks import callback_classes, metrics_observer
 from .training_collator import PadCollator
 from .training_data import IGNORE_INDEX, TrainingError, encode_conversation, fit_cutoff, load_examples
+from .training_recompute import Recompute
 from .treestore import delete_tree, download_tree, tree_complete, tree_manifest, upload_tree
 
 log = logging.getLogger("selflengthen.train")
@@ -120,8 +121,9 @@ def _load_model(config: RunConfig, base: str, previous: Path | None, precision: 
 
 
 def _checkpointing(t, model, examples: list[dict], precision: str, cuda: bool, world_size: int):
-    """training.gradientCheckpointing decided for this model and data: under auto, on only when the longest batch
-    (batchSize of the longest examples, padded to a multiple of 8 on CUDA) would not fit this device without it."""
+    """training.gradientCheckpointing decided for this model and data: under auto, what each batch recomputes
+    (training_recompute.Recompute), the longest batch (batchSize of the longest examples, padded to a multiple of
+    8 on CUDA) the most."""
     import torch
 
     from . import train_memory
@@ -130,7 +132,8 @@ def _checkpointing(t, model, examples: list[dict], precision: str, cuda: bool, w
     tokens = t.batch_size * (-(-longest // 8) * 8 if cuda else longest)
     device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if cuda else None
     return train_memory.decide(t.gradient_checkpointing, train_memory.ModelShape.of(model), tokens, t.mode,
-                               precision, device_bytes, train_memory.zero_stage(t.deepspeed), world_size)
+                               precision, device_bytes, train_memory.zero_stage(t.deepspeed), world_size,
+                               t.loss_chunk_tokens)
 
 
 @functools.cache
@@ -264,7 +267,9 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     checkpointing = _checkpointing(t, model, examples, precision, cuda, args.world_size)
-    args.gradient_checkpointing = checkpointing.enabled
+    recompute = Recompute(model, checkpointing)
+    # per layer and per batch where the model has the switch (transformers' decoder layers), else all or nothing
+    args.gradient_checkpointing = checkpointing.enabled and not recompute.per_layer
 
     history: list[dict] = []
     log_key = train_log_key(run, iteration, role)
@@ -325,7 +330,7 @@ def train_role(ctx, role: str, *, callbacks: list | tuple = (), workdir: Path | 
         "trainSeconds": round(seconds, 3),
         "worldSize": args.world_size,
         "device": "cuda" if cuda else "cpu",
-        "gradientCheckpointing": checkpointing.summary(),
+        "gradientCheckpointing": {**checkpointing.summary(), "forwards": recompute.summary()},
         "lora": _lora_summary(model),
     }
     dist.wait_for_everyone()

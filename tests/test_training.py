@@ -225,7 +225,9 @@ def test_lora_training_learns_and_stores_the_adapter(lora_run, tiny_model):
     assert 0 < manifest["trainableParams"] < manifest["totalParams"]
     assert manifest["counts"]["examples"] == 4
     assert manifest["gradientCheckpointing"] == {"enabled": False, "reason": "auto on the CPU: off",
-                                                 "estimateGiB": None, "checkpointedGiB": None, "budgetGiB": None}
+                                                 "estimateGiB": None, "checkpointedGiB": None, "budgetGiB": None,
+                                                 "layers": 0, "ofLayers": 2, "lossChunk": 0,
+                                                 "forwards": {"byLayers": {}, "chunkedLoss": 0}}
 
     history = list(read_jsonl(store, "t/iter-01/train-generator/train-log.jsonl"))
     assert [e["step"] for e in history] == list(range(1, 13))
@@ -338,19 +340,22 @@ def test_interrupted_training_resumes_from_the_stored_checkpoint(tmp_path, tiny_
 
 
 class CheckpointingSeen(TrainerCallback):
-    """What the Trainer was given and what the model does: gradient checkpointing on or off at the first step."""
+    """What the model does: whether its decoder layers recompute, after the first step's forward."""
 
     def __init__(self):
         self.seen = None
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.seen is None:
-            self.seen = (args.gradient_checkpointing, model.is_gradient_checkpointing)
+            from selflengthen.pipeline.training_recompute import decoder_layers
+
+            self.seen = (model.is_gradient_checkpointing,
+                         all(layer.gradient_checkpointing for layer in decoder_layers(model)))
 
 
 def test_the_trainer_gets_the_chosen_checkpointing_and_the_weights_do_not_depend_on_it(tmp_path, tiny_model,
                                                                                         monkeypatch):
-    adapters, seen = {}, {}
+    adapters, seen, forwards = {}, {}, {}
     for setting in ("true", "false"):
         monkeypatch.setenv("SELFLENGTHEN_WORKDIR", str(tmp_path / setting / "work"))
         ctx = make_ctx(tmp_path / setting, training={"gradientCheckpointing": setting, "maxSteps": 3})
@@ -358,11 +363,14 @@ def test_the_trainer_gets_the_chosen_checkpointing_and_the_weights_do_not_depend
         callback = CheckpointingSeen()
         manifest = train_role(ctx, "generator", callbacks=[callback])
         seen[setting] = (*callback.seen, manifest["gradientCheckpointing"]["enabled"])
+        forwards[setting] = manifest["gradientCheckpointing"]["forwards"]
         fetched = fetch_trained_model(ctx.config, ctx.store, 1, "generator", workdir=tmp_path / setting / "serve")
         adapters[setting] = load_file(fetched.path / "adapter_model.safetensors")
-    # true: on (also on the CPU), false: off (auto on the CPU: off, test_lora_training_learns_and_stores_the_adapter).
-    # The model really recomputes when it is on.
+    # true: every layer (also on the CPU), false: none (auto on the CPU: off,
+    # test_lora_training_learns_and_stores_the_adapter). The model really recomputes when it is on.
     assert seen == {"true": (True, True, True), "false": (False, False, False)}
+    # true: each of the 3 forwards (batch 1) checkpointed both layers and computed its loss in chunks
+    assert forwards == {"true": {"byLayers": {"2": 3}, "chunkedLoss": 3}, "false": {"byLayers": {}, "chunkedLoss": 0}}
     # recomputing the same activations changes nothing the run keeps (why the field affects no stage)
     for key, value in adapters["false"].items():
         torch.testing.assert_close(adapters["true"][key], value, rtol=1e-5, atol=1e-6)
