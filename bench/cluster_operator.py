@@ -385,11 +385,11 @@ def train_flops_share(run, decision, examples) -> tuple[float, float]:
 
     t = run.config.training
     shape = qwen2_7b(run)
-    chunked = t.loss_chunk_tokens > 0
 
     def share(lengths):
         tokens = [min(n, t.cutoff_tokens) * t.batch_size for n in lengths]
-        return sum(n * recompute_share(shape, decision.layers_for(n), chunked) for n in tokens) / sum(tokens)
+        return sum(n * recompute_share(shape, k, chunk > 0) for n in tokens
+                   for k, chunk in (decision.plan_for(n),)) / sum(tokens)
 
     return share([g for g, _ in examples]), share([e for _, e in examples])
 

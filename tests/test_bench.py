@@ -121,6 +121,11 @@ def test_real_operator_drives_the_simulated_cluster_on_a_tiny_setting():
     assert a == b and a["phase"] == "Succeeded" and a["seconds"] >= a["boundSeconds"] > 0
     # the example's gradientCheckpointing: auto, decided by the trainer's estimate: a 16k-token step needs it
     assert a["spec"]["gradientCheckpointing"]["enabled"] is True
+    # ... yet per batch: the workload's examples are mostly short, so they pay far less than every layer's 1.46
+    every = simulate(example_spec(**{"training.gradientCheckpointing": True}), c, w, seed=1)
+    assert all(1.0 < f < 1.2 for f in a["spec"]["trainFlopsShare"]), a["spec"]
+    assert every["spec"]["trainFlopsShare"] == [pytest.approx(1.4643, abs=1e-3)] * 2
+    assert every["seconds"] > a["seconds"]
     steps = a["steps"]
     assert steps["bench-i02-evaluate-a1"]["start"] == steps["bench-i03-self-instruct-a1"]["start"]
     assert steps["bench-i03-build-sft-a1"]["start"] == steps["bench-m02-vllm-a1"]["scale-down"]
