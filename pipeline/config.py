@@ -275,6 +275,10 @@ class Local(Model):
         "float32", description="vLLM --dtype (bfloat16 is faster on CPUs with AMX/AVX512-BF16)"
     )
     startup_timeout_seconds: float = Field(300, gt=0)
+    cpu_cores: Literal["auto", "all", "vllm"] = Field(
+        "auto", description="CPUs vLLM's CPU backend computes on: vllm: its own binding (one core kept for its HTTP "
+                            "front end); all: every CPU this process may use (1.4x the tokens/s on 2 cores); auto: "
+                            "all on a machine of at most 4 CPUs, else vllm's")
     extra_args: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
         default_factory=list, max_length=64, description="More vLLM arguments, one per item")
 

@@ -119,7 +119,7 @@ class Endpoints:
         local = self.config.local
         server = VLLMServer(
             spec.model, served_names=list(spec.names), lora_modules=dict(spec.lora) or None,
-            port=port, max_model_len=local.max_model_len, kv_cache_gib=local.kv_cache_gib,
+            port=port, max_model_len=local.max_model_len, kv_cache_gib=local.kv_cache_gib, cpu_cores=local.cpu_cores,
             startup_timeout=local.startup_timeout_seconds, extra_args=local.extra_args, workdir=self.workdir,
             max_lora_rank=self.config.training.lora.rank, dtype=local.dtype,
         )
