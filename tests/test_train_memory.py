@@ -119,20 +119,12 @@ def _model(mode: str, precision: str, checkpointing: bool, layers: int, vocab: i
 
 def _saved_bytes(model, tokens: int, vocab: int, precision: str) -> int:
     """Bytes autograd keeps for the backward of one forward with a loss, the parameters apart."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
+    from saved_tensors import saved_bytes
 
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    with amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
-    return sum(saved.values())
+    with amp:
+        return saved_bytes(model, lambda: model(input_ids=ids, labels=ids))
 
 
 def _per_token(mode, precision, checkpointing, layers, vocab, **dims) -> float:

@@ -102,18 +102,9 @@ def test_chunked_loss_function_matches_cross_entropy_directly():
 
 def saved_bytes(model, ids, labels) -> int:
     """Bytes autograd keeps for the backward of one forward with a loss, the parameters apart."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    from saved_tensors import saved_bytes as measured
 
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=labels)
-    return sum(saved.values())
+    return measured(model, lambda: model(input_ids=ids, labels=labels))
 
 
 def test_a_chunked_loss_keeps_no_vocabulary_sized_tensor():
