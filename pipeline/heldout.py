@@ -10,7 +10,9 @@ goes into the stage's manifest (no rows: these answers are never training data) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections.abc import Awaitable
 
 from .data import load_heldout
 from .inference import InferenceClient
@@ -46,3 +48,18 @@ async def measure_heldout(config, client: InferenceClient) -> dict | None:
     words = [a["words"] for a in answers]
     return {"model": config.models.generator, "items": len(answers), "averageWords": round(sum(words) / len(words), 1),
             "maxWords": max(words), "truncated": sum(a["truncated"] for a in answers), "answers": answers}
+
+
+async def measure_heldout_alongside(work: Awaitable, config, client: InferenceClient) -> dict | None:
+    """measure_heldout together with `work`, the stage's own requests on the same client: the held-out answers
+    take batch slots the stage leaves idle (its items are few, or retried one after another) instead of a second
+    round of decoding after it. If `work` fails, the held-out requests are cancelled and its error raised."""
+    heldout = asyncio.ensure_future(measure_heldout(config, client))
+    try:
+        await work
+    except BaseException:
+        heldout.cancel()
+        with contextlib.suppress(BaseException):
+            await heldout
+        raise
+    return await heldout

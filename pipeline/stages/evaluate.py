@@ -32,7 +32,7 @@ from collections import Counter
 from .. import judge as quality
 from .. import longbench
 from ..data import load_longbench_write, load_longen, load_longwrite_ruler
-from ..heldout import measure_heldout
+from ..heldout import measure_heldout_alongside
 from ..inference import Generation, InferenceClient, ItemRejected
 from ..longen import aggregate, score_response, select_items
 from ..text import count_words
@@ -114,8 +114,9 @@ async def evaluate_generator(ctx: StageContext, stage: str) -> dict:
                                                              judge_seed))
             return [row]
 
-        await process_shards(ctx, artifacts, chunks(selected, cfg.storage.shard_size), handle, total=len(selected))
-        heldout = await measure_heldout(cfg, client)  # the Generator after this iteration's training
+        heldout = await measure_heldout_alongside(  # the Generator after this iteration's training
+            process_shards(ctx, artifacts, chunks(selected, cfg.storage.shard_size), handle, total=len(selected)),
+            cfg, client)
 
     rows = list(artifacts.iter_work())
     artifacts.write_outputs(rows, cfg.storage.shard_size)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ..heldout import measure_heldout
+from ..heldout import measure_heldout_alongside
 from ..inference import ItemRejected
 from ..text import count_words
 from . import StageContext
@@ -62,9 +62,9 @@ async def _run(ctx: StageContext) -> dict:
         async def handle(item: dict) -> list[dict]:
             return list(await asyncio.gather(*(sample(item, k) for k in range(samples))))
 
-        await process_shards(ctx, artifacts, chunks(upstream.read_outputs(), cfg.storage.shard_size), handle,
-                             total=total)
-        heldout = await measure_heldout(cfg, client)  # the Generator before this iteration's training
+        heldout = await measure_heldout_alongside(  # the Generator before this iteration's training
+            process_shards(ctx, artifacts, chunks(upstream.read_outputs(), cfg.storage.shard_size), handle,
+                           total=total), cfg, client)
 
     passed, kept = finalize_with_drop_short(ctx, artifacts, lambda r: r["id"] is not None, "response")
     requests, rejected = work_totals(artifacts)
