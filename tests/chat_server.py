@@ -131,7 +131,10 @@ class ChatServer:
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(payload)))
         handler.end_headers()
-        handler.wfile.write(payload)
+        try:
+            handler.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client cancelled the request (vLLM aborts it)
+            handler.close_connection = True
 
     def __enter__(self) -> ChatServer:
         self.thread.start()

@@ -142,6 +142,40 @@ async def process_shards(
         await asyncio.gather(*list(tasks), return_exceptions=True)
 
 
+def tries_at_once(config, streams: int, tries: int) -> int:
+    """How many of an item's tries to run at once. A try's seed is its own and no try reads another's output, so
+    they need not wait for each other; one after another, a stage of few items leaves most of the client's slots
+    idle while its slowest item retries (make demo: 8 items in 16 slots, up to 8 requests in a row). `streams`:
+    the stage's items times their independent branches (samples, attempts). With at least as many streams as
+    slots, one at a time: speculation would only take slots from other items."""
+    slots = config.client.concurrency
+    return max(1, min(tries, slots // max(1, min(streams, slots))))
+
+
+async def first_passing(
+    tries: int, at_once: int, run: Callable[[int], Awaitable], final: Callable[[object], bool]
+) -> tuple[list, int]:
+    """The results of tries 0, 1, ... of one item, up to and including the first that is `final` (passed, or ended
+    the item), or all of them: the same list as running them one after another; and how many tries were started
+    beyond it. Up to `at_once` run at a time; those beyond the final one are cancelled (their requests aborted) or,
+    if done already, discarded."""
+    results: list = []
+    started: list[asyncio.Future] = []
+    try:
+        while len(results) < tries:
+            while len(started) < tries and len(started) - len(results) < at_once:
+                started.append(asyncio.ensure_future(run(len(started))))
+            results.append(await started[len(results)])
+            if final(results[-1]):
+                break
+    finally:
+        rest = started[len(results):]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+    return results, len(started) - len(results)
+
+
 def finalize_with_drop_short(
     ctx: StageContext, artifacts: StageArtifacts, accepted: Callable[[dict], bool], text_key: str
 ) -> tuple[int, int]:
@@ -159,13 +193,15 @@ def finalize_with_drop_short(
     return len(lengths), kept
 
 
-def work_totals(artifacts: StageArtifacts) -> tuple[int, dict[str, int]]:
-    """Requests made and tries rejected per reason over a stage's work rows, in one streamed pass."""
-    requests, rejected = 0, Counter()
+def work_totals(artifacts: StageArtifacts) -> tuple[int, dict[str, int], int]:
+    """Requests made, tries rejected per reason, and tries started beyond an item's final one (first_passing) over
+    a stage's work rows, in one streamed pass."""
+    requests, rejected, discarded = 0, Counter(), 0
     for row in artifacts.iter_work():
         requests += row.get("requests", 0)
         rejected.update(row.get("rejections", {}))
-    return requests, dict(rejected)
+        discarded += row.get("triesDiscarded", 0)
+    return requests, dict(rejected), discarded
 
 
 class Words:

@@ -20,7 +20,17 @@ from .. import prompts
 from ..inference import ItemRejected
 from ..text import count_words, split_paragraphs
 from . import StageContext
-from .common import Words, chunks, finalize_with_drop_short, make_client, process_shards, reject_reason, work_totals
+from .common import (
+    Words,
+    chunks,
+    finalize_with_drop_short,
+    first_passing,
+    make_client,
+    process_shards,
+    reject_reason,
+    tries_at_once,
+    work_totals,
+)
 
 NAME = "extend"
 REQUIRES = ("respond",)
@@ -47,6 +57,8 @@ async def _run(ctx: StageContext) -> dict:
     upstream = ctx.artifacts("respond")
     total = upstream.manifest()["counts"]["accepted"]
     model = cfg.models.extender
+
+    at_once = tries_at_once(cfg, total * ext.attempts, ext.max_retries)
 
     async with make_client(ctx, NAME) as client:
 
@@ -82,35 +94,44 @@ async def _run(ctx: StageContext) -> dict:
                 return current, False
             return candidate, False
 
-        async def attempt(item: dict, a: int) -> dict:
+        async def one_try(item: dict, a: int, retry: int) -> dict:
+            """extend.passes passes from the initial text: the try passes when the text grew enough."""
             rejections: dict[str, int] = {}
-            requests = 0
 
             def reject(reason: str) -> None:
                 rejections[reason] = rejections.get(reason, 0) + 1
 
             initial = item["response"]
-            initial_words = count_words(initial)
-            limited = False  # a pass stopped at the context limit
-            for retry in range(ext.max_retries):
-                current = initial
-                for p in range(ext.passes):
-                    current, full = await one_pass(item, current, ctx.seed(NAME, item["id"], a, retry, p), reject)
-                    requests += 2
-                    if full:
-                        limited = True
-                        break
-                words = count_words(current)
-                if words > ext.min_growth * initial_words:
-                    return {"id": f"{item['id']}-a{a}", "responseId": item["id"], "language": item["language"],
-                            "instruction": item["instruction"], "initial": initial, "extended": current,
-                            "initialWords": initial_words, "words": words, "rejections": rejections,
-                            "requests": requests, "contextLimited": limited}
-                reject("growth")
-                if full and current == initial:  # the initial text itself leaves no room: retrying cannot help
+            current, requests, limited = initial, 0, False  # limited: a pass stopped at the context limit
+            for p in range(ext.passes):
+                current, limited = await one_pass(item, current, ctx.seed(NAME, item["id"], a, retry, p), reject)
+                requests += 2
+                if limited:
                     break
-            return {"id": None, "responseId": item["id"], "rejections": rejections, "requests": requests,
-                    "contextLimited": limited}
+            words = count_words(current)
+            passed = words > ext.min_growth * count_words(initial)
+            if not passed:
+                reject("growth")
+            # the initial text itself leaves no room: retrying cannot help
+            return {"text": current, "words": words, "passed": passed, "hopeless": limited and current == initial,
+                    "rejections": rejections, "requests": requests, "limited": limited}
+
+        async def attempt(item: dict, a: int) -> dict:
+            tries, discarded = await first_passing(ext.max_retries, at_once, lambda retry: one_try(item, a, retry),
+                                                   lambda t: t["passed"] or t["hopeless"])
+            rejections: dict[str, int] = {}
+            for t in tries:
+                for reason, n in t["rejections"].items():
+                    rejections[reason] = rejections.get(reason, 0) + n
+            tally = {"rejections": rejections, "requests": sum(t["requests"] for t in tries),
+                     "contextLimited": any(t["limited"] for t in tries),
+                     **({"triesDiscarded": discarded} if discarded else {})}
+            last = tries[-1]
+            if not last["passed"]:
+                return {"id": None, "responseId": item["id"], **tally}
+            return {"id": f"{item['id']}-a{a}", "responseId": item["id"], "language": item["language"],
+                    "instruction": item["instruction"], "initial": item["response"], "extended": last["text"],
+                    "initialWords": count_words(item["response"]), "words": last["words"], **tally}
 
         async def handle(item: dict) -> list[dict]:
             return list(await asyncio.gather(*(attempt(item, a) for a in range(ext.attempts))))
@@ -119,7 +140,7 @@ async def _run(ctx: StageContext) -> dict:
                              total=total)
 
     passed, kept = finalize_with_drop_short(ctx, artifacts, lambda r: r["id"] is not None, "extended")
-    requests, rejected = work_totals(artifacts)
+    requests, rejected, discarded = work_totals(artifacts)
     limited = sum(1 for r in artifacts.iter_work() if r.get("contextLimited"))
     initial, extended = Words(), Words()
     for row in artifacts.read_outputs():
@@ -135,6 +156,7 @@ async def _run(ctx: StageContext) -> dict:
             "accepted": kept,
             "requests": requests,
             "rejected": rejected,
+            "triesDiscarded": discarded,  # started beside an item's final try, then cancelled (first_passing)
             "contextLimited": limited,  # attempts whose text reached the server's context
         },
         "averageWordsInitial": initial.average,

@@ -14,9 +14,11 @@ from .common import (
     Words,
     chunks,
     finalize_with_drop_short,
+    first_passing,
     make_client,
     process_shards,
     reject_reason,
+    tries_at_once,
     work_totals,
 )
 
@@ -35,29 +37,35 @@ async def _run(ctx: StageContext) -> dict:
     total = upstream.manifest()["counts"]["accepted"]
     samples = cfg.respond.samples_per_instruction
 
+    at_once = tries_at_once(cfg, total * samples, cfg.respond.max_retries)
+
     async with make_client(ctx, NAME) as client:
 
+        async def one_try(item: dict, k: int, attempt: int) -> dict:
+            try:
+                gen = await client.chat(
+                    cfg.models.generator, [{"role": "user", "content": item["instruction"]}], cfg.sampling,
+                    max_tokens=cfg.respond.max_tokens, seed=ctx.seed(NAME, item["id"], k, attempt),
+                )
+            except ItemRejected as err:  # the same prompt would be refused again: the sample fails
+                return {"reason": err.reason, "final": True}
+            reason = reject_reason(ctx, gen.text)
+            return {"reason": reason, "final": reason is None, "text": gen.text.strip()}
+
         async def sample(item: dict, k: int) -> dict:
+            tries, discarded = await first_passing(cfg.respond.max_retries, at_once,
+                                                   lambda attempt: one_try(item, k, attempt), lambda t: t["final"])
             rejections: dict[str, int] = {}
-            for attempt in range(cfg.respond.max_retries):
-                try:
-                    gen = await client.chat(
-                        cfg.models.generator, [{"role": "user", "content": item["instruction"]}], cfg.sampling,
-                        max_tokens=cfg.respond.max_tokens, seed=ctx.seed(NAME, item["id"], k, attempt),
-                    )
-                except ItemRejected as err:  # the same prompt would be refused again: the sample fails
-                    rejections[err.reason] = rejections.get(err.reason, 0) + 1
-                    return {"id": None, "instructionId": item["id"], "rejections": rejections,
-                            "requests": attempt + 1}
-                reason = reject_reason(ctx, gen.text)
-                if reason is None:
-                    text = gen.text.strip()
-                    return {"id": f"{item['id']}-s{k}", "instructionId": item["id"], "language": item["language"],
-                            "instruction": item["instruction"], "response": text, "words": count_words(text),
-                            "rejections": rejections, "requests": attempt + 1}
-                rejections[reason] = rejections.get(reason, 0) + 1
-            return {"id": None, "instructionId": item["id"], "rejections": rejections,
-                    "requests": cfg.respond.max_retries}
+            for t in tries:
+                if t["reason"]:
+                    rejections[t["reason"]] = rejections.get(t["reason"], 0) + 1
+            tally = {"rejections": rejections, "requests": len(tries),
+                     **({"triesDiscarded": discarded} if discarded else {})}
+            if tries[-1]["reason"]:
+                return {"id": None, "instructionId": item["id"], **tally}
+            text = tries[-1]["text"]
+            return {"id": f"{item['id']}-s{k}", "instructionId": item["id"], "language": item["language"],
+                    "instruction": item["instruction"], "response": text, "words": count_words(text), **tally}
 
         async def handle(item: dict) -> list[dict]:
             return list(await asyncio.gather(*(sample(item, k) for k in range(samples))))
@@ -67,7 +75,7 @@ async def _run(ctx: StageContext) -> dict:
                            total=total), cfg, client)
 
     passed, kept = finalize_with_drop_short(ctx, artifacts, lambda r: r["id"] is not None, "response")
-    requests, rejected = work_totals(artifacts)
+    requests, rejected, discarded = work_totals(artifacts)
     words = Words()
     for row in artifacts.read_outputs():
         words.add(row["words"])
@@ -81,6 +89,7 @@ async def _run(ctx: StageContext) -> dict:
             "accepted": kept,
             "requests": requests,
             "rejected": rejected,
+            "triesDiscarded": discarded,  # started beside an item's final try, then cancelled (first_passing)
         },
         "averageWords": words.average,
         "maxWords": words.max,

@@ -171,7 +171,7 @@ async def _run(ctx: StageContext) -> dict:
                 yield {k: r[k] for k in ("id", "language", "instruction", "words")}
 
     count = artifacts.write_outputs(accepted(), cfg.storage.shard_size)
-    requests, rejected = work_totals(artifacts)
+    requests, rejected, _ = work_totals(artifacts)
     return {
         "counts": {
             "requested": total,
