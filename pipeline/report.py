@@ -181,7 +181,10 @@ def build_report(store: Store, config: RunConfig, iteration: int, *, history_to:
     longen = None
     if evaluate and evaluate.get("enabled", True):
         scores = evaluate.get("scores") or {}
-        longen = {"model": evaluate.get("model"), "items": (evaluate.get("counts") or {}).get("accepted"),
+        counts = evaluate.get("counts") or {}
+        # evaluate's items are those of all three benchmarks (byBenchmark); a manifest without it had LonGen's only
+        longen = {"model": evaluate.get("model"), "items": (counts.get("byBenchmark") or {}).get("longen",
+                                                                                              counts.get("accepted")),
                   "overall": scores.get("overall"), "byType": scores.get("byType") or {},
                   "byLanguage": scores.get("byLanguage") or {}, "averageWords": evaluate.get("averageWords"),
                   "maxWords": evaluate.get("maxWords"), "quality": evaluate.get("quality")}

@@ -1,15 +1,20 @@
 """The held-out measurement runs beside a stage's own requests (pipeline/heldout.py): its answers share the batch
-with the stage's instead of a second round of decoding after it, and a failing stage cancels it."""
+with the stage's instead of a second round of decoding after it, and a failing stage cancels it. From iteration 2
+on, respond carries the previous evaluate's answers over (the same Generator, the same prompts and cap)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from chat_server import ChatServer
 
 from selflengthen.pipeline.config import parse_config
+from selflengthen.pipeline.data import load_heldout
 from selflengthen.pipeline.heldout import measure_heldout_alongside
 from selflengthen.pipeline.inference import Generation
+from selflengthen.pipeline.stages import StageContext, run_stage
+from selflengthen.pipeline.store import LocalStore
 
 
 class RecordingClient:
@@ -88,3 +93,48 @@ def test_without_heldout_prompts_only_the_stage_runs():
 
     heldout, ran, asked = asyncio.run(scenario())
     assert heldout is None and ran == [True] and asked == []
+
+
+# -- carried over: respond in iteration k takes the answers evaluate got in iteration k-1 --------------------------
+
+
+def run_evaluate_then_respond(tmp_path, evaluate_cap: int, respond_cap: int) -> tuple[dict, dict, list[str]]:
+    """evaluate of iteration 1 (held-out cap `evaluate_cap`), then respond of iteration 2 (cap `respond_cap`) on the
+    strict scripted server; returns both manifests and the prompts iteration 2's respond asked."""
+    prompts = {row["prompt"] for row in load_heldout(["en"])}
+    with ChatServer(lambda body: f"Answer {body['seed'] % 97} has words. It ends here.") as server:
+        def ctx(iteration: int, cap: int) -> StageContext:
+            config = parse_config({
+                "name": "carry", "iterations": 2, "seed": 3, "languages": ["en"],
+                "respond": {"samplesPerInstruction": 1},
+                "filters": {"enNgram": 0, "dropShort": False, "checkMeta": False},
+                "evaluate": {"heldoutItems": 3, "heldoutMaxTokens": cap, "items": 1, "languages": ["en"],
+                             "longbenchWrite": {"enabled": False}, "ruler": {"enabled": False}},
+                "storage": {"uri": f"file://{tmp_path}/store"}})
+            return StageContext(config=config, iteration=iteration, store=LocalStore(tmp_path / "store"),
+                                endpoint=server.endpoint)
+
+        first, second = ctx(1, evaluate_cap), ctx(2, respond_cap)
+        first.artifacts("train-generator").finish({"counts": {}})
+        evaluate = run_stage("evaluate", first)
+        upstream = second.artifacts("self-instruct")
+        upstream.write_outputs([{"id": "i0", "language": "en", "instruction": "Describe a river."}], 4)
+        upstream.finish({"counts": {"accepted": 1}})
+        asked_before = len(server.requests)
+        respond = run_stage("respond", second)
+        asked = [r["body"]["messages"][-1]["content"] for r in server.requests[asked_before:]]
+    return evaluate, respond, [p for p in asked if p in prompts]
+
+
+def test_respond_carries_the_previous_evaluates_heldout_answers_over_instead_of_asking_again(tmp_path):
+    evaluate, respond, asked = run_evaluate_then_respond(tmp_path, 64, 64)
+    assert asked == []  # the Generator trained in iteration 1 is not asked the held-out prompts a second time
+    assert evaluate["heldout"]["items"] == 3 and evaluate["heldout"]["maxTokens"] == 64
+    assert respond["heldout"] == {**evaluate["heldout"], "carriedFrom": "iteration 1 evaluate"}
+    assert respond["counts"]["accepted"] == 1  # the stage's own work ran
+
+
+def test_respond_asks_again_when_the_previous_evaluate_answered_with_another_cap(tmp_path):
+    evaluate, respond, asked = run_evaluate_then_respond(tmp_path, 64, 48)
+    assert len(asked) == 3 and "carriedFrom" not in respond["heldout"]
+    assert respond["heldout"]["maxTokens"] == 48 and evaluate["heldout"]["maxTokens"] == 64

@@ -40,7 +40,10 @@ def manifests(k: int) -> dict[str, dict]:
         "train-extender": {"mode": "lora", "steps": 8, "firstLoss": 3.5, "finalLoss": 2.5 / k,
                            "epochLosses": [4.5, 3.0, 2.5 / k], "trainSeconds": 12.5,
                            "counts": {"requested": 15, "accepted": 15}},
-        "evaluate": {"enabled": True, "model": "generator", "counts": {"requested": 24, "accepted": 24, "truncated": 3},
+        "evaluate": {"enabled": True, "model": "generator", "counts": {"requested": 24, "accepted": 24, "truncated": 3,
+                                                                       "byBenchmark": {"longen": 15,
+                                                                                       "longbench-write": 3,
+                                                                                       "ruler": 6}},
                      "scores": {"overall": 0.125 * k, "byType": {"about": 0.2, "range": 0.1, "above": 0.05,
                                                                   "below": 0.15},
                                 "byLanguage": {"en": 0.125 * k}, "byRange": {}},
@@ -101,7 +104,7 @@ def test_report_numbers_are_the_manifests(store):
                                             "finalLoss": 1.0, "trainSeconds": 11.5, "epochLosses": [4.0, 1.0],
                                             "promptCut": 2, "droppedOverLength": 1}
     assert doc["training"]["extender"]["finalLoss"] == 1.25
-    assert doc["longen"]["overall"] == 0.25 and doc["longen"]["items"] == 24
+    assert doc["longen"]["overall"] == 0.25 and doc["longen"]["items"] == 15  # LonGen's, not all 24 evaluated
     assert doc["longen"]["byType"] == made["evaluate"]["scores"]["byType"]
     assert doc["longen"]["quality"]["mean"] == 6.5
     assert [h["iteration"] for h in doc["history"]] == [1, 2]
@@ -117,7 +120,7 @@ def test_report_numbers_are_the_manifests(store):
     assert "| generator | lora | 8 | 14 | 2 | 4.000 -> 1.000 | 11.5 |" in md
     assert "| extender | lora | 8 | 15 | 3 | 4.500 -> 1.250 | 12.5 |" in md
     assert "over `training.cutoffTokens` (no answer is ever cut): generator 2 with the prompt cut, 1 left out." in md
-    assert "score **0.250** on 24 items" in md and "mean **6.50** / 10 on 23 answers (1 without" in md
+    assert "score **0.250** on 15 items" in md and "mean **6.50** / 10 on 23 answers (1 without" in md
     assert "| 1 | 40.5 | 70 | 66.2 | 150 | x1.62 | 30.0 | 42.5 | 55.5 | 0.125 |" in md
     assert "| 2 | 80.5 | 140 | 132.5 | 300 | x1.62 | 60.0 | 72.5 | 111.0 | 0.250 |" in md
     assert "answered with 60.0 words on average before this iteration's training, 72.5 after it." in md

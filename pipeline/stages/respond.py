@@ -1,12 +1,13 @@
 """Initial responses: the Generator answers each instruction respond.samplesPerInstruction times, each sample
 retried until it passes the response checks; then drop_short over the whole set. With evaluate.heldoutItems the
-same Generator also answers the held-out prompts (pipeline/heldout.py): its length before this iteration's training."""
+same Generator also answers the held-out prompts (pipeline/heldout.py): its length before this iteration's training
+(from iteration 2 on, the previous evaluate's answers of that same Generator, carried over)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from ..heldout import measure_heldout_alongside
+from ..heldout import carried_over, measure_heldout_alongside
 from ..inference import ItemRejected
 from ..text import count_words
 from . import StageContext
@@ -72,7 +73,7 @@ async def _run(ctx: StageContext) -> dict:
 
         heldout = await measure_heldout_alongside(  # the Generator before this iteration's training
             process_shards(ctx, artifacts, chunks(upstream.read_outputs(), cfg.storage.shard_size), handle,
-                           total=total), cfg, client)
+                           total=total), cfg, client, known=carried_over(ctx))
 
     passed, kept = finalize_with_drop_short(ctx, artifacts, lambda r: r["id"] is not None, "response")
     requests, rejected, discarded = work_totals(artifacts)
