@@ -31,6 +31,10 @@ def instruction(seed: int, n: int) -> str:
     if kind == 2:
         return (f"Write a detailed travel guide to the {topic} of {other} number {seed}.\n"
                 f"Cover their history, how to reach them and what to see in every season.")
+    if kind == 3:  # a small model's talk about the list after its request (SmolLM2 in make demo)
+        talk = ("Refer", "Requirement 4: Share a recipe for a pizza with less ingredients tha",
+                "Please add your own extra requests to this list, just like the ones provided.")[seed % 3]
+        return f"Compose a short report on {topic} beside {other}, case {seed}-{n}.\n{talk}"
     return f"Compose a long report on {topic} seen through {other}, case {seed}-{n}, with examples and sources."
 
 
@@ -69,6 +73,8 @@ def test_completions_stop_at_the_instruction_and_keep_it_whole(tmp_path):
     multi = [r["instruction"] for r in rows if "\n" in r["instruction"]]
     assert multi and all(m.startswith("Write a detailed travel guide") and m.endswith("every season.") for m in multi)
     assert not any("Request" in r["instruction"] for r in rows)
+    short = [r["instruction"] for r in rows if r["instruction"].startswith("Compose a short report")]
+    assert short and all("\n" not in m and m.endswith(".") for m in short)  # the list talk after it cut off
     rejected = manifest["counts"]["rejected"]
     assert rejected["states-length"] > 0 and rejected["near-duplicate"] > 0
     assert not any(has_own_length(r["instruction"]) for r in rows)

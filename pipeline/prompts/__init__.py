@@ -51,11 +51,20 @@ def lists_next_item(completion: str) -> bool:
     return _NEXT_ITEM.search(completion.strip()) is not None
 
 
+# A later line that talks about the list of requests rather than adding to the request: small models go on with
+# "Refer", "Requirement 4: ...", "Please add your own requests to this list" (measured on SmolLM2: 9 of 20 made in
+# make demo). Such a line, and everything after it, is not part of the instruction.
+_LIST_TALK = re.compile(r"^\W*(?:refer\b|requirements?\s*\d|requested\b|please add\b|note\s*:)|\brequests?\b|请求",
+                        re.IGNORECASE)
+
+
 def parse_instruction(completion: str) -> str:
     """The completed item, whole (an instruction may span several lines), up to a following numbered item (a
-    server that ignored the stop string may have gone on listing)."""
+    server that ignored the stop string may have gone on listing) or a line about the list itself (_LIST_TALK)."""
     text = _NEXT_ITEM.split(completion.strip(), maxsplit=1)[0]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.strip().splitlines()))
+    lines = [line.rstrip() for line in text.strip().splitlines()]
+    talk = next((i for i, line in enumerate(lines) if i and _LIST_TALK.search(line)), len(lines))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines[:talk]).strip())
 
 
 def parse_judgement(answer: str) -> bool:
