@@ -119,3 +119,17 @@ def test_build_sft_needs_extend_and_some_rows(tmp_path):
         run_stage("build-sft", StageContext(config=cfg, iteration=1, store=store))
     with pytest.raises(StageError, match="no responses"):
         run_stage("build-sft", make_ctx(tmp_path / "empty", []))
+
+
+def test_build_sft_without_rows_says_why_from_the_manifests_and_what_to_change(tmp_path):
+    ctx = make_ctx(tmp_path, [])
+    ctx.artifacts("respond").finish({"counts": {"requested": 10, "accepted": 1, "rejected": {"ending": 18}}})
+    ctx.artifacts("extend").finish({"counts": {"requested": 1, "accepted": 0,
+                                               "rejected": {"growth": 2, "meta-talk": 2, "no-growth": 1}}})
+    with pytest.raises(StageError) as err:
+        run_stage("build-sft", ctx)
+    message = str(err.value)
+    assert "respond kept 1 of 10 (tries rejected: ending 18)" in message
+    assert "extend kept 0 of 1 (tries rejected: growth 2, meta-talk 2, no-growth 1)" in message
+    assert "respond.maxTokens" in message and "extend.minGrowth" in message and "--restart-from" in message
+    assert not ctx.artifacts("build-sft").done()

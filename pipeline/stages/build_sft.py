@@ -102,7 +102,7 @@ def run(ctx: StageContext) -> dict:
     if generator != extender:  # the extend outputs changed between the two passes
         raise StageError(f"stage {NAME}: extend outputs changed while reading them ({generator} != {extender} rows)")
     if generator == 0:
-        raise StageError(f"stage {NAME} of iteration {ctx.iteration}: the extend stage accepted no responses")
+        raise StageError(nothing_to_train(ctx))
     return {
         "counts": {"requested": generator, "accepted": generator, "generator": generator, "extender": extender},
         "sets": {role: f"{sft_artifacts(ctx, role).prefix}/" for role in SETS},
@@ -115,3 +115,19 @@ def run(ctx: StageContext) -> dict:
         "lines": stats["lines"],
         "linesDropped": stats["dropped"],
     }
+
+
+def nothing_to_train(ctx: StageContext) -> str:
+    """Why the iteration has no SFT data, from the respond and extend manifests, and what to change."""
+    counts = {stage: ctx.artifacts(stage).manifest().get("counts") or {} for stage in ("respond", "extend")
+              if ctx.artifacts(stage).done()}
+    why = "; ".join(
+        f"{stage} kept {c.get('accepted', 0)} of {c.get('requested', 0)}"
+        + (f" (tries rejected: {', '.join(f'{r} {n}' for r, n in sorted(c['rejected'].items()))})"
+           if c.get("rejected") else "")
+        for stage, c in counts.items())
+    return (f"stage {NAME} of iteration {ctx.iteration}: the extend stage accepted no responses, so there is nothing "
+            f"to train on: {why}. Tries rejected as 'ending' ran into their token cap (raise respond.maxTokens or "
+            f"extend.maxTokens); 'growth' or 'no-growth' did not grow by extend.minGrowth (lower it, or raise "
+            f"extend.maxRetries); then `selflengthen run FILE --restart-from respond` redoes the stages from there")
+
