@@ -420,7 +420,9 @@ root = sys.argv[1]
 cfg = RunConfig.model_validate({"name": "t", "seed": 3, "storage": {"uri": f"file://{root}/store"},
     "training": {"maxSteps": 4, "saveSteps": 2, "learningRate": 3e-3, "cutoffTokens": 256, "lora": {"rank": 4}}})
 manifest = run_stage("train-generator", StageContext(config=cfg, iteration=1, store=LocalStore(root + "/store")))
-print("MANIFEST " + json.dumps({k: manifest[k] for k in ("steps", "finalLoss", "worldSize", "modelUri")}))
+# a file per rank: the two ranks share torchrun's stdout, where their lines can interleave (seen in CI)
+with open(f"{root}/manifest-{os.environ['RANK']}.json", "w") as out:
+    json.dump({k: manifest[k] for k in ("steps", "finalLoss", "worldSize", "modelUri")}, out)
 """
 
 
@@ -454,7 +456,7 @@ def test_distributed_data_parallel_training(tmp_path, tiny_model):
         stdout, stderr = proc.communicate()
         pytest.fail("torchrun timed out:\n" + stdout[-3000:] + stderr[-3000:])
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    manifests = [json.loads(line.split(" ", 1)[1]) for line in stdout.splitlines() if line.startswith("MANIFEST ")]
+    manifests = [json.loads((tmp_path / f"manifest-{rank}.json").read_text()) for rank in (0, 1)]
     assert len(manifests) == 2 and manifests[0] == manifests[1]
     assert manifests[0]["worldSize"] == 2 and manifests[0]["steps"] == 4 and manifests[0]["finalLoss"] is not None
     assert tree_complete(ctx.store, model_prefix("t", 1, "generator"))
