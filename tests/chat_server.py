@@ -2,7 +2,8 @@
 /v1/chat/completions request is `reply(body)` (a function of the request, so runs are reproducible).
 
 As strict as vLLM where the pipeline depends on it (the strictest of its versions): it serves the names in `models`
-only (any other is answered 404, as vLLM answers a model it does not serve); a context of `context` tokens,
+only (any other is answered 404, as vLLM answers a model it does not serve); continue_final_message without
+add_generation_prompt set to false is answered 400 (vLLM's default for it is true, and the two cannot go together); a context of `context` tokens,
 listed as `max_model_len` in /v1/models; a request whose prompt plus max_tokens exceeds it is answered 400 with
 vLLM's wording; /tokenize (beside /v1, as vLLM's) counts a chat prompt; replies end at the first stop string and
 are cut at max_tokens (finish_reason "length"). Tokens are a toy tokenizer's: each CJK character, each run of
@@ -78,6 +79,13 @@ class ChatServer:
                 if body.get("model") not in server.models:
                     server.send(self, 404, {"object": "error", "message": f"The model `{body.get('model')}` does "
                                             f"not exist.", "type": "NotFoundError", "param": "model", "code": 404})
+                    return
+                if body.get("continue_final_message") and body.get("add_generation_prompt", True) is not False:
+                    # vLLM's validator refuses both set; left out, add_generation_prompt is True (its default) and
+                    # the chat template refuses the pair
+                    server.send(self, 400, {"object": "error", "message": "Cannot set both `continue_final_message` "
+                                            "and `add_generation_prompt` to True.", "type": "BadRequestError",
+                                            "param": None, "code": 400})
                     return
                 if self.path == "/tokenize":
                     server.send(self, 200, {"count": prompt_tokens(body), "max_model_len": server.context,
