@@ -3,12 +3,12 @@
 
 As strict as vLLM where the pipeline depends on it (the strictest of its versions): it serves the names in `models`
 only (any other is answered 404, as vLLM answers a model it does not serve); continue_final_message without
-add_generation_prompt set to false is answered 400 (vLLM's default for it is true, and the two cannot go together); a context of `context` tokens,
-listed as `max_model_len` in /v1/models; a request whose prompt plus max_tokens exceeds it is answered 400 with
-vLLM's wording; /tokenize (beside /v1, as vLLM's) counts a chat prompt; replies end at the first stop string and
-are cut at max_tokens (finish_reason "length"). Tokens are a toy tokenizer's: each CJK character, each run of
-ASCII letters or digits, each other non-space character; the chat template adds 4 per message and 3 for the
-generation prompt.
+add_generation_prompt set to false is answered 400 (vLLM's default for it is true, and the two cannot go together);
+a context of `context` tokens, listed as `max_model_len` in /v1/models; a request whose prompt plus max_tokens
+exceeds it is answered 400 with vLLM's wording; /tokenize (beside /v1, as vLLM's) counts a chat prompt; replies end
+at the first stop string and are cut at max_tokens (finish_reason "length"). Tokens are a toy tokenizer's: each CJK
+character, each run of ASCII letters or digits, each other non-space character; the chat template adds 4 per message
+and 3 for the generation prompt.
 """
 
 from __future__ import annotations
