@@ -26,6 +26,11 @@ def heldout_prompts(config) -> list[dict]:
     return load_heldout(config.languages)[: config.evaluate.heldout_items]
 
 
+def heldout_cap(config) -> int:
+    """The held-out answers' token cap: evaluate.heldoutMaxTokens, else sampling.maxTokens."""
+    return config.evaluate.heldout_max_tokens or config.sampling.max_tokens
+
+
 def heldout_seed(config, prompt_id: str) -> int:
     text = f"{config.seed}/heldout/{prompt_id}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
@@ -36,11 +41,11 @@ async def measure_heldout(config, client: InferenceClient) -> dict | None:
     prompts = heldout_prompts(config)
     if not prompts:
         return None
-    ev = config.evaluate
+    cap = heldout_cap(config)
 
     async def ask(row: dict) -> dict:
         gen = await client.chat(config.models.generator, [{"role": "user", "content": row["prompt"]}],
-                                config.sampling, max_tokens=ev.heldout_max_tokens,
+                                config.sampling, max_tokens=cap,
                                 seed=heldout_seed(config, row["id"]))
         text = gen.text.strip()
         return {"id": row["id"], "words": count_words(text), "truncated": gen.finish_reason == "length",
@@ -49,12 +54,8 @@ async def measure_heldout(config, client: InferenceClient) -> dict | None:
     answers = await asyncio.gather(*(ask(row) for row in prompts))
     words = [a["words"] for a in answers]
     return {"model": config.models.generator, "items": len(answers), "averageWords": round(sum(words) / len(words), 1),
-            "maxWords": max(words), "truncated": sum(a["truncated"] for a in answers), "maxTokens": heldout_cap(config),
+            "maxWords": max(words), "truncated": sum(a["truncated"] for a in answers), "maxTokens": cap,
             "answers": answers}
-
-
-def heldout_cap(config) -> int:
-    return config.evaluate.heldout_max_tokens or config.sampling.max_tokens
 
 
 def carried_over(ctx) -> dict | None:

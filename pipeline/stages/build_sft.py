@@ -119,8 +119,8 @@ def run(ctx: StageContext) -> dict:
 
 def nothing_to_train(ctx: StageContext) -> str:
     """Why the iteration has no SFT data, from the respond and extend manifests, and what to change."""
-    counts = {stage: ctx.artifacts(stage).manifest().get("counts") or {} for stage in ("respond", "extend")
-              if ctx.artifacts(stage).done()}
+    stages = {stage: ctx.artifacts(stage) for stage in ("respond", "extend")}
+    counts = {stage: a.manifest().get("counts") or {} for stage, a in stages.items() if a.done()}
     why = "; ".join(
         f"{stage} kept {c.get('accepted', 0)} of {c.get('requested', 0)}"
         + (f" (tries rejected: {', '.join(f'{r} {n}' for r, n in sorted(c['rejected'].items()))})"
@@ -130,4 +130,3 @@ def nothing_to_train(ctx: StageContext) -> str:
             f"to train on: {why}. Tries rejected as 'ending' ran into their token cap (raise respond.maxTokens or "
             f"extend.maxTokens); 'growth' or 'no-growth' did not grow by extend.minGrowth (lower it, or raise "
             f"extend.maxRetries); then `selflengthen run FILE --restart-from respond` redoes the stages from there")
-
